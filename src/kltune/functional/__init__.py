@@ -1,0 +1,74 @@
+"""kltune.functional: the pure tensor maths of PPO with a KL penalty.
+
+Every equation of the library lives here, as a function of tensors with no
+state, no models, no randomness and no I/O. Shapes use the letters ``B``
+(completions), ``T`` (response tokens) and ``V`` (vocabulary). Import it as::
+
+    import kltune.functional as KF
+"""
+
+from kltune.functional._advantages import (
+    gae as gae,
+    grpo_advantages as grpo_advantages,
+    reward_to_go as reward_to_go,
+    rloo_advantages as rloo_advantages,
+)
+from kltune.functional._kl import (
+    kl_exact as kl_exact,
+    kl_k1 as kl_k1,
+    kl_k2 as kl_k2,
+    kl_k3 as kl_k3,
+    kl_k3_st as kl_k3_st,
+    shaped_rewards as shaped_rewards,
+)
+from kltune.functional._logprobs import (
+    entropy_from_logits as entropy_from_logits,
+    logprobs_from_logits as logprobs_from_logits,
+)
+from kltune.functional._masked import (
+    masked_mean as masked_mean,
+    masked_sum as masked_sum,
+    masked_var as masked_var,
+    masked_whiten as masked_whiten,
+)
+from kltune.functional._ppo import (
+    approx_kl as approx_kl,
+    clip_fraction as clip_fraction,
+    clipped_surrogate_loss as clipped_surrogate_loss,
+    clipped_value_loss as clipped_value_loss,
+    entropy_bonus as entropy_bonus,
+    explained_variance as explained_variance,
+    sequence_mean as sequence_mean,
+    token_mean as token_mean,
+    token_sum as token_sum,
+    value_regression_loss as value_regression_loss,
+)
+
+__all__ = [
+    "approx_kl",
+    "clip_fraction",
+    "clipped_surrogate_loss",
+    "clipped_value_loss",
+    "entropy_bonus",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
+    "kl_exact",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_k3_st",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "reward_to_go",
+    "rloo_advantages",
+    "sequence_mean",
+    "shaped_rewards",
+    "token_mean",
+    "token_sum",
+    "value_regression_loss",
+]

@@ -1,0 +1,198 @@
+"""Returns and advantages: reward-to-go, GAE, and group (per-prompt) advantages.
+
+Episodes end at the last real response token of each row: there is no state
+after it, so every value past it is 0 (no bootstrap). Padding never enters a
+result: rewards and values under the mask are replaced by 0 before use.
+"""
+
+import einops
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from kltune.functional._checks import (
+    check_group_size,
+    check_mask,
+    check_nonempty_batch,
+    check_rank,
+)
+
+
+def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _check_discount(gamma: float, lam: float = 1.0) -> None:
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+
+
+def reward_to_go(
+    rewards: Float[Tensor, "B T"], mask: Bool[Tensor, "B T"], gamma: float = 1.0
+) -> Float[Tensor, "B T"]:
+    r"""Discounted sum of the rewards from each token to the end of its sequence.
+
+    .. math::
+        G_t = \sum_{k \ge t} \gamma^{k-t} m_k r_k
+
+    Args:
+        rewards: per-token rewards (e.g. from :func:`shaped_rewards`).
+        mask: True on real response tokens.
+        gamma: discount γ in [0, 1].
+
+    Returns:
+        Returns-to-go, 0 at masked positions.
+
+    Example:
+        >>> r = torch.tensor([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
+        >>> m = torch.tensor([[True, True, True], [True, True, False]])
+        >>> reward_to_go(r, m, gamma=0.5)
+        tensor([[0.2500, 0.5000, 1.0000],
+                [2.0000, 2.0000, 0.0000]])
+    """
+    check_mask(mask, rewards, like_name="rewards")
+    _check_discount(gamma)
+    rewards = _zero_padding(rewards, mask)
+    running = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out.append(running)
+    return _zero_padding(torch.stack(out[::-1], dim=1), mask)
+
+
+def gae(
+    rewards: Float[Tensor, "B T"],
+    values: Float[Tensor, "B T"],
+    mask: Bool[Tensor, "B T"],
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
+    r"""Generalised advantage estimation over response tokens.
+
+    .. math::
+        \delta_t = r_t + \gamma\, m_{t+1} V_{t+1} - V_t, \qquad
+        A_t = \delta_t + \gamma\lambda\, m_{t+1} A_{t+1}, \qquad
+        R_t = A_t + V_t
+
+    with :math:`m_{T} = 0`: past the last real token the value is 0, because
+    the episode ends there (the reward model scored the completion as it is).
+
+    Args:
+        rewards: per-token rewards.
+        values: V(s_t), the value of the state before token t.
+        mask: True on real response tokens.
+        gamma: discount γ in [0, 1].
+        lam: GAE λ in [0, 1]; λ = 1 gives reward-to-go minus values, λ = 0 the
+            one-step TD error.
+
+    Returns:
+        ``(advantages, returns)``, both 0 at masked positions. Returns are the
+        value-function targets.
+
+    References:
+        Schulman et al., "High-Dimensional Continuous Control Using Generalized
+        Advantage Estimation", 2016, https://arxiv.org/abs/1506.02438.
+
+    Example:
+        >>> r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        >>> v = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 9.0]])
+        >>> m = torch.tensor([[True, True, True], [True, True, False]])
+        >>> adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
+        >>> adv
+        tensor([[0.5000, 0.5000, 0.5000],
+                [0.5000, 0.5000, 0.0000]])
+        >>> ret
+        tensor([[1., 1., 1.],
+                [1., 1., 0.]])
+    """
+    check_mask(mask, rewards, like_name="rewards")
+    check_mask(mask, values, like_name="values")
+    _check_discount(gamma, lam)
+    rewards = _zero_padding(rewards, mask)
+    values = _zero_padding(values, mask)
+    real = mask.to(values.dtype)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * real[:, t]
+        next_value = values[:, t]
+        out.append(next_adv)
+    advantages = torch.stack(out[::-1], dim=1)
+    return advantages, _zero_padding(advantages + values, mask)
+
+
+def _grouped(scores: Tensor, group_size: int) -> Tensor:
+    check_rank(scores, 1, name="scores", axes="B")
+    check_nonempty_batch(scores, name="scores")
+    check_group_size(scores.shape[0], group_size)
+    return einops.rearrange(scores, "(N G) -> N G", G=group_size)
+
+
+def rloo_advantages(scores: Float[Tensor, " B"], group_size: int) -> Float[Tensor, " B"]:
+    r"""Leave-one-out advantages: each score minus the mean of the others of its prompt.
+
+    .. math::
+        A_i = s_i - \frac{1}{G-1}\sum_{j \ne i} s_j = \frac{G}{G-1}(s_i - \bar s)
+
+    Completions of one prompt are contiguous: rows ``[k·G, (k+1)·G)`` share
+    prompt ``k``. The baseline of each sample does not depend on that sample,
+    so the policy gradient stays unbiased.
+
+    Args:
+        scores: one score per completion.
+        group_size: G ≥ 2, completions per prompt.
+
+    Returns:
+        Advantages; they sum to 0 within each group.
+
+    References:
+        Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style
+        Optimization for Learning from Human Feedback in LLMs", 2024,
+        https://arxiv.org/abs/2402.14740.
+
+    Example:
+        >>> rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 3.0]), group_size=3)
+        tensor([-1.5000,  0.0000,  1.5000, -1.5000, -1.5000,  3.0000])
+    """
+    groups = _grouped(scores, group_size)
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return einops.rearrange(groups - others_mean, "N G -> (N G)")
+
+
+def grpo_advantages(
+    scores: Float[Tensor, " B"], group_size: int, scale: bool = True, eps: float = 1e-6
+) -> Float[Tensor, " B"]:
+    r"""Group-normalised advantages (GRPO): standardise scores within each prompt.
+
+    .. math::
+        A_i = \frac{s_i - \operatorname{mean}_g(s)}{\operatorname{std}_g(s) + \epsilon}
+
+    with the unbiased standard deviation over the G completions of the prompt.
+
+    Args:
+        scores: one score per completion, groups contiguous as in
+            :func:`rloo_advantages`.
+        group_size: G ≥ 2.
+        scale: divide by the group's std; False keeps only the centring (as Dr.
+            GRPO recommends, to avoid favouring groups with tiny spread).
+        eps: added to the std.
+
+    References:
+        Shao et al., "DeepSeekMath", 2024, https://arxiv.org/abs/2402.03300;
+        Liu et al., "Understanding R1-Zero-Like Training", 2025,
+        https://arxiv.org/abs/2503.20783.
+
+    Example:
+        >>> grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), group_size=3)
+        tensor([-1.0000,  0.0000,  1.0000,  0.0000,  0.0000,  0.0000])
+    """
+    groups = _grouped(scores, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    return einops.rearrange(centred, "N G -> (N G)")
