@@ -75,6 +75,4 @@ def check_group_size(batch: int, group_size: int) -> None:
             "a group advantage compares completions of the same prompt"
         )
     if batch % group_size != 0:
-        raise ValueError(
-            f"batch of {batch} completions does not split into groups of {group_size}"
-        )
+        raise ValueError(f"batch of {batch} completions does not split into groups of {group_size}")

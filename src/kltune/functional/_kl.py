@@ -160,7 +160,8 @@ def kl_exact(
         \mathrm{KL}_t = \sum_v \pi_t(v)\,\bigl(\log \pi_t(v) - \log \pi_{\text{ref},t}(v)\bigr)
 
     with both distributions ``softmax(logits / temperature)``. No sampling noise
-    and ≥ 0, at the price of both full logit tensors. Computed in float32 chunks.
+    and ≥ 0, at the price of both full logit tensors. Computed in float32 chunks
+    (float64 for float64 logits).
 
     Example:
         >>> logits = torch.zeros(2, 3, 2)

@@ -24,8 +24,9 @@ def _row_chunks(flat: Tensor, chunk_tokens: int) -> list[tuple[int, int]]:
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    # Where bf16/fp16 logits become float32: here, one chunk at a time.
-    scaled = logits.float()
+    # Where bf16/fp16 logits become float32: here, one chunk at a time. Never
+    # downcast: float64 logits stay float64.
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return scaled if temperature == 1.0 else scaled / temperature
 
 
@@ -52,7 +53,7 @@ def logprobs_from_logits(
 
     Returns:
         Float32 logprobs, one per token (the loss is computed in float32 even
-        for bf16 models).
+        for bf16 models); float64 for float64 logits.
 
     Raises:
         ValueError: shapes disagree or τ <= 0.
@@ -98,7 +99,7 @@ def entropy_from_logits(
         chunk_tokens: rows of ``B·T`` handled per chunk.
 
     Returns:
-        Float32 entropies in nats, one per position.
+        Float32 entropies in nats, one per position (float64 for float64 logits).
 
     Example:
         >>> logits = torch.zeros(2, 3, 4)

@@ -108,6 +108,10 @@ def masked_var(
         >>> masked_var(x, m)
         tensor(5.)
     """
+    # Zero the padding first: (NaN - mean)² would otherwise send NaN gradients
+    # through the mean into the real positions.
+    check_mask(mask, x)
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     mean = masked_mean(x, mask)
     squares = masked_sum((x - mean) ** 2, mask)
     count = mask.sum()
@@ -150,6 +154,8 @@ def masked_whiten(
         tensor([[-1.3416, -0.4472,  0.0000],
                 [ 0.4472,  1.3416,  0.0000]])
     """
+    check_mask(mask, x)
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))  # as in masked_var
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)

@@ -1,0 +1,127 @@
+"""Checkpoints: everything needed to resume a run exactly, written atomically.
+
+A checkpoint is a folder::
+
+    iter_000010/
+      policy.safetensors     trainable weights (policy, value head, LoRA adapter)
+      optimizer.pt           optimiser state
+      state.json             iteration, KL controller, baseline, metrics position
+      baseline.safetensors   a learned baseline's weights (when there is one)
+      rng.pt                 the run's torch.Generator state
+
+It is written into a hidden temporary folder and renamed into place, so a
+process killed during a save leaves the previous checkpoint as it was.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kltune.kl_control import KLController, controller_from_state
+
+_PREFIX = "iter_"
+
+
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k in names}
+
+
+def _baseline_state(baseline: object) -> dict[str, Any]:
+    if dataclasses.is_dataclass(baseline) and not isinstance(baseline, type):
+        return {"kind": type(baseline).__name__, **dataclasses.asdict(baseline)}
+    return {"kind": type(baseline).__name__}
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    iteration: int,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    controller: KLController,
+    baseline: object,
+    generator: torch.Generator,
+    metrics_lines: int,
+    keep: int = 1,
+) -> Path:
+    """Write a checkpoint for ``iteration`` under ``folder`` atomically; keep the newest ``keep``.
+
+    Returns:
+        The checkpoint's folder.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{_PREFIX}{iteration:06d}"
+    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
+    try:
+        save_file(_trainable_state(policy), str(scratch / "policy.safetensors"))
+        if isinstance(baseline, nn.Module):
+            save_file(_trainable_state(baseline), str(scratch / "baseline.safetensors"))
+        torch.save(optimizer.state_dict(), scratch / "optimizer.pt")
+        torch.save(generator.get_state(), scratch / "rng.pt")
+        state = {
+            "iteration": iteration,
+            "controller": controller.state_dict(),
+            "baseline": _baseline_state(baseline),
+            "metrics_lines": metrics_lines,
+        }
+        (scratch / "state.json").write_text(json.dumps(state, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for old in sorted(folder.glob(f"{_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint under ``folder``, or None."""
+    done = [p for p in sorted(folder.glob(f"{_PREFIX}*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What :func:`load_checkpoint` gives back beyond the weights it loads in place."""
+
+    iteration: int
+    controller: KLController
+    baseline_state: dict[str, Any]
+    metrics_lines: int
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    baseline: object = None,
+) -> Restored:
+    """Load weights, optimiser and RNG state in place; return iteration, controller, baseline state."""
+    weights = load_file(str(path / "policy.safetensors"))
+    missing = set(_trainable_state(policy)) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for {sorted(missing)[:5]}")
+    policy.load_state_dict(weights, strict=False)
+    if isinstance(baseline, nn.Module):
+        baseline.load_state_dict(load_file(str(path / "baseline.safetensors")), strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    generator.set_state(torch.load(path / "rng.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    return Restored(
+        iteration=int(state["iteration"]),
+        controller=controller_from_state(state["controller"]),
+        baseline_state=state["baseline"],
+        metrics_lines=int(state["metrics_lines"]),
+    )

@@ -1,0 +1,211 @@
+"""A thin driver around :func:`kltune.loop.ppo_iteration`: progress, logs, checkpoints.
+
+Files written under ``out_dir``:
+
+- ``metrics.jsonl``: one JSON object per iteration, namespaced keys (one line
+  written and flushed at a time, so an interrupted run loses at most the line
+  being written, which :func:`kltune.plots.read_metrics` skips);
+- ``samples.jsonl``: prompts and completions every ``sample_every`` iterations;
+- ``checkpoints/iter_NNNNNN/``: see :mod:`kltune.checkpoint`.
+"""
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from tqdm.auto import tqdm
+
+from kltune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kltune.diagnostics import CollapseDetector, diversity_metrics
+from kltune.loop import Blocks, LoopState, Metrics, Optimisation, Sampling, ppo_iteration
+from kltune.rollout import Rollout
+
+Tracker = Callable[[Metrics, int], None]
+
+
+def prompt_batches(
+    prompts: Sequence[str], per_iteration: int, generator: torch.Generator
+) -> Callable[[], list[str]]:
+    """Draw prompts without replacement, reshuffling each pass over the list."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if per_iteration < 1:
+        raise ValueError(f"prompts_per_iteration must be >= 1, got {per_iteration}")
+    queue: list[int] = []
+
+    def next_batch() -> list[str]:
+        while len(queue) < per_iteration:
+            queue.extend(torch.randperm(len(prompts), generator=generator).tolist())
+        batch = [prompts[i] for i in queue[:per_iteration]]
+        del queue[:per_iteration]
+        return batch
+
+    return next_batch
+
+
+def _write_line(handle: TextIO, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
+def _samples_record(iteration: int, rollout: Rollout, limit: int) -> dict[str, Any]:
+    assert rollout.scores is not None
+    rows = [
+        {"prompt": p, "completion": c, "score": float(s)}
+        for p, c, s in zip(rollout.prompts, rollout.completions, rollout.scores, strict=True)
+    ]
+    return {"iteration": iteration, "samples": rows[:limit]}
+
+
+def _restore(
+    out_dir: Path, blocks: Blocks, state: LoopState, generator: torch.Generator
+) -> LoopState:
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    if checkpoint is None:
+        return state
+    restored = load_checkpoint(
+        checkpoint,
+        policy=blocks.policy,
+        optimizer=blocks.optimizer,
+        generator=generator,
+        baseline=state.baseline,
+    )
+    baseline = state.baseline
+    if dataclasses.is_dataclass(baseline) and not isinstance(baseline, type):
+        fields = {f.name for f in dataclasses.fields(baseline)}
+        kept = {k: v for k, v in restored.baseline_state.items() if k in fields}
+        baseline = dataclasses.replace(baseline, **kept)
+    _truncate_lines(out_dir / "metrics.jsonl", restored.metrics_lines)
+    return dataclasses.replace(
+        state, iteration=restored.iteration, controller=restored.controller, baseline=baseline
+    )
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Drop metric lines written after the checkpoint (they will be written again)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)[:keep]
+        path.write_text("".join(line for line in lines if line.endswith("\n")))
+
+
+def train(
+    prompts: Sequence[str],
+    blocks: Blocks,
+    state: LoopState,
+    *,
+    iterations: int,
+    out_dir: str | Path,
+    prompts_per_iteration: int = 8,
+    sampling: Sampling = Sampling(),
+    optimisation: Optimisation = Optimisation(),
+    seed: int = 0,
+    sample_every: int = 5,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    collapse_threshold: float = 0.5,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    is_main_process: bool = True,
+) -> LoopState:
+    """Run ``iterations`` PPO iterations, logging metrics, samples and checkpoints.
+
+    Diversity diagnostics are computed every iteration; the collapse detector
+    compares them to iteration 0's completions, which are the reference
+    policy's own samples (the policy starts as π_ref).
+
+    Args:
+        prompts: the prompt pool; each iteration draws ``prompts_per_iteration``.
+        blocks: the blocks (policy, reference, reward, objective, optimiser).
+        state: controller and baseline at the start.
+        iterations: the total number of iterations of the run (a resumed run
+            continues up to it).
+        out_dir: folder for metrics, samples and checkpoints.
+        seed: seeds the run's own generator (sampling, prompts, minibatches).
+        sample_every: log completions every this many iterations (0: never).
+        checkpoint_every: checkpoint every this many iterations (0: only at the end).
+        resume: continue from the newest checkpoint in ``out_dir`` if any.
+        tracker: called with ``(metrics, iteration)`` after each iteration
+            (e.g. a TensorBoard writer or ``accelerator.log``).
+        is_main_process: False on other ranks: nothing is written or shown.
+
+    Returns:
+        The final loop state.
+    """
+    out = Path(out_dir)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if resume:
+        state = _restore(out, blocks, state, generator)
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    draw = prompt_batches(prompts, prompts_per_iteration, generator)
+    detector: CollapseDetector | None = None
+    bar = tqdm(
+        total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
+    )
+    with (
+        _open(out / "metrics.jsonl", is_main_process) as metrics_file,
+        _open(out / "samples.jsonl", is_main_process) as samples_file,
+    ):
+        while state.iteration < iterations:
+            state, rollout, metrics = ppo_iteration(
+                draw(), blocks, state, sampling, optimisation, generator
+            )
+            diversity = diversity_metrics(list(rollout.completions))
+            if detector is None:
+                detector = CollapseDetector.from_reference(
+                    list(rollout.completions), threshold=collapse_threshold
+                )
+            metrics |= diversity | detector.metrics(diversity)
+            if metrics_file is not None:
+                _write_line(metrics_file, metrics)
+            if (
+                samples_file is not None
+                and sample_every
+                and state.iteration % sample_every in (0, 1)
+            ):
+                _write_line(samples_file, _samples_record(state.iteration, rollout, 8))
+            if tracker is not None:
+                tracker(metrics, state.iteration)
+            if is_main_process and checkpoint_every and state.iteration % checkpoint_every == 0:
+                _checkpoint(out, blocks, state, generator)
+            bar.set_postfix(
+                reward=f"{metrics['reward/score_mean']:.3f}",
+                kl=f"{metrics['kl/mean']:.2f}",
+                beta=f"{metrics['kl/beta']:.3f}",
+            )
+            bar.update(1)
+    bar.close()
+    return state
+
+
+def _checkpoint(out: Path, blocks: Blocks, state: LoopState, generator: torch.Generator) -> None:
+    save_checkpoint(
+        out / "checkpoints",
+        iteration=state.iteration,
+        policy=blocks.policy,
+        optimizer=blocks.optimizer,
+        controller=state.controller,
+        baseline=state.baseline,
+        generator=generator,
+        metrics_lines=state.iteration,
+    )
+
+
+class _open:
+    """Append to ``path`` on the main process; a no-op context elsewhere."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.handle: TextIO | None = None
+
+    def __enter__(self) -> TextIO | None:
+        if self.enabled:
+            self.handle = self.path.open("a", encoding="utf-8")
+        return self.handle
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()

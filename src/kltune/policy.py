@@ -1,0 +1,443 @@
+"""Policy (the trainable causal LM) and Reference (the frozen π_ref).
+
+Token alignment, in one place: the response token ``t`` is predicted by the
+logits at position ``P - 1 + t`` of the concatenated sequence ``prompt ‖
+response``. One forward over ``prompt ‖ response[:, :-1]`` with
+``logits_to_keep=T`` gives exactly the ``T`` logit rows that predict the
+response, and never computes the vocabulary projection for prompt positions.
+
+Position ids are ``cumsum(attention_mask) - 1``, so a left-padded row gets the
+same positions as the same text alone, in sampling and in scoring alike.
+"""
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol, final
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import kltune.functional as KF
+from kltune.rollout import Rollout
+
+
+@final
+@dataclass(frozen=True)
+class PolicyOutput:
+    """What :meth:`Policy.score` returns for the response tokens of a rollout.
+
+    Attributes:
+        logprobs: log π of the response tokens (with gradient).
+        entropy: entropy of each next-token distribution (detached unless
+            asked for with gradient).
+        values: value-head predictions V(s_t), or None without a value head.
+    """
+
+    logprobs: Float[Tensor, "B T"]
+    entropy: Float[Tensor, "B T"]
+    values: Float[Tensor, "B T"] | None
+
+
+def position_ids_from_mask(mask: Bool[Tensor, "B L"]) -> Int[Tensor, "B L"]:
+    """Position of each token counting real tokens only (left padding gets 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _response_forward(
+    model: nn.Module, rollout: Rollout, *, output_hidden_states: bool = False
+) -> Any:
+    """One forward whose ``logits`` (and last hidden states) align with the response tokens."""
+    length = rollout.response_ids.shape[1]
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids[:, :-1]], dim=1)
+    # Tokens after EOS get attention 1: they only ever look backwards, so they
+    # cannot change a real token's output, and keeping them avoids all-masked rows.
+    mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.response_mask[:, :-1])], dim=1)
+    return model(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=position_ids_from_mask(mask),
+        logits_to_keep=length,
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+    )
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, got a single str")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    tokens: Int[Tensor, "B T"]
+    logprobs: Float[Tensor, "B T"]
+    mask: Bool[Tensor, "B T"]
+    ended: Bool[Tensor, " B"]
+
+
+@final
+class Policy(nn.Module):
+    """The trainable causal LM: samples completions and scores given tokens.
+
+    Wraps any ``transformers`` causal LM (GPT-2, Llama-family, a peft LoRA
+    model) and its tokenizer. Dropout stays off (the module is kept in eval
+    mode): PPO's probability ratio must compare the same function at rollout
+    time and at update time.
+
+    Args:
+        model: a causal LM; a ``peft.PeftModel`` trains only its adapter.
+        tokenizer: its tokenizer; without a pad token the EOS token pads.
+        value_head: add a linear value head on the last hidden state, initialised
+            to zero (so early values are 0 and cannot mislead the advantages).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        value_head: bool = False,
+    ) -> None:
+        super().__init__()
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model.eval()
+        hidden = model.get_input_embeddings().embedding_dim
+        self.value_head: nn.Linear | None = None
+        if value_head:
+            param = next(model.parameters())
+            self.value_head = nn.Linear(hidden, 1, device=param.device, dtype=param.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def train(self, mode: bool = True) -> "Policy":
+        """Kept in eval mode on purpose (no dropout); see the class docstring."""
+        super().train(False)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        return None if eos is None else int(eos)
+
+    @property
+    def context_length(self) -> int | None:
+        config = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            if config is not None and isinstance(getattr(config, name, None), int):
+                return int(getattr(config, name))
+        return None
+
+    def encode_prompts(
+        self, prompts: Sequence[str], max_new_tokens: int = 0
+    ) -> tuple[Int[Tensor, "B P"], Bool[Tensor, "B P"]]:
+        """Tokenise and left-pad prompts.
+
+        An empty prompt becomes the BOS token (or EOS when there is no BOS), the
+        start of a document, so that the model has something to condition on.
+
+        Raises:
+            ValueError: an empty list, or a prompt whose tokens plus
+                ``max_new_tokens`` exceed the model's context, naming the prompt.
+            TypeError: a non-string prompt.
+        """
+        _check_prompts(prompts)
+        start = self.tokenizer.bos_token_id
+        start = self.pad_token_id if start is None else int(start)
+        rows = [list(self.tokenizer(p).input_ids) or [start] for p in prompts]
+        limit = self.context_length
+        for i, row in enumerate(rows):
+            if limit is not None and len(row) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompts[{i}] has {len(row)} tokens; with max_new_tokens={max_new_tokens} "
+                    f"it exceeds the model's context of {limit} tokens: shorten the prompt"
+                )
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        completions_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Rollout:
+        """Sample completions with the KV cache and record their behaviour logprobs.
+
+        Sampling never records a graph. The behaviour logprobs come from the
+        sampling pass itself (no second forward) and are always those of
+        ``softmax(logits / temperature)``, the distribution :meth:`score`
+        computes. With ``top_k``/``top_p`` the tokens are drawn from the
+        truncated distribution, so PPO's first ratio is not exactly 1 on tokens
+        near the cut; both sides of the ratio still use the same distribution.
+
+        Args:
+            prompts: prompt texts.
+            max_new_tokens: the length limit of a completion (>= 1).
+            temperature: τ > 0.
+            top_k: keep the k most likely tokens (None: all).
+            top_p: nucleus sampling mass in (0, 1] (None: all).
+            completions_per_prompt: G; rows of one prompt are contiguous.
+            generator: the source of randomness (same seed, same completions);
+                must live on the model's device.
+            autocast_dtype: run the model under CPU/GPU autocast in this dtype
+                (e.g. ``torch.bfloat16``); logprobs are float32 either way.
+
+        Returns:
+            A Rollout with ``old_logprobs`` filled.
+
+        Raises:
+            ValueError: empty prompts, a prompt too long for the context,
+                ``max_new_tokens`` < 1, bad temperature/top_k/top_p/G.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if completions_per_prompt < 1:
+            raise ValueError(f"completions_per_prompt must be >= 1, got {completions_per_prompt}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] or None, got {top_p}")
+        prompt_ids, prompt_mask = self.encode_prompts(prompts, max_new_tokens)
+        group = completions_per_prompt
+        prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
+        with self._autocast(autocast_dtype):
+            sampled = self._sample(
+                prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, generator
+            )
+        texts = self.tokenizer.batch_decode(
+            sampled.tokens.masked_fill(~sampled.mask, self.pad_token_id), skip_special_tokens=True
+        )
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=sampled.tokens,
+            response_mask=sampled.mask,
+            old_logprobs=sampled.logprobs,
+            prompts=tuple(p for p in prompts for _ in range(group)),
+            completions=tuple(texts),
+            temperature=float(temperature),
+            prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group),
+            ended=sampled.ended,
+        )
+
+    def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _sample(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+    ) -> _Sampled:
+        batch = prompt_ids.shape[0]
+        eos = self.eos_token_id
+        mask = prompt_mask.long()
+        positions = position_ids_from_mask(prompt_mask)
+        out = self.model(
+            input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        next_position = positions[:, -1:] + 1
+        done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+        tokens, logprobs, real = [], [], []
+        for _ in range(max_new_tokens):
+            scaled = out.logits[:, -1].float() / temperature
+            log_p = torch.log_softmax(scaled, dim=-1)
+            token = _draw(log_p, top_k, top_p, generator)
+            real.append(~done)
+            token = token.masked_fill(done, self.pad_token_id)
+            tokens.append(token)
+            logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
+            if eos is not None:
+                done = done | (token == eos)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=next_position,
+                cache=out.cache,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+        response_mask = torch.stack(real, dim=1)
+        return _Sampled(
+            tokens=torch.stack(tokens, dim=1),
+            logprobs=torch.stack(logprobs, dim=1).masked_fill(~response_mask, 0.0),
+            mask=response_mask,
+            ended=done,
+        )
+
+    def score(
+        self,
+        rollout: Rollout,
+        *,
+        entropy_with_grad: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> PolicyOutput:
+        """Logprobs (with gradient), entropy and values of the rollout's response tokens.
+
+        Uses the rollout's temperature, so these logprobs and the behaviour
+        logprobs belong to the same distribution.
+
+        Args:
+            rollout: prompts and responses to score.
+            entropy_with_grad: keep the entropy in the graph (for an entropy
+                bonus); otherwise it is computed detached, for logging.
+            autocast_dtype: run the model under autocast in this dtype; the
+                logprobs and values are float32 either way.
+        """
+        with self._autocast(autocast_dtype):
+            out = _response_forward(
+                self.model, rollout, output_hidden_states=self.value_head is not None
+            )
+        logits = out.logits
+        logprobs = KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
+        entropy_logits = logits if entropy_with_grad else logits.detach()
+        entropy = KF.entropy_from_logits(entropy_logits, rollout.temperature)
+        values = None
+        if self.value_head is not None:
+            length = rollout.response_ids.shape[1]
+            hidden = out.hidden_states[-1][:, -length:]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
+
+
+def _draw(
+    log_p: Float[Tensor, "B V"],
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Int[Tensor, " B"]:
+    """Sample one token per row from ``exp(log_p)``, optionally truncated by top-k / top-p."""
+    if top_k is not None and top_k < log_p.shape[-1]:
+        kth = torch.topk(log_p, top_k, dim=-1).values[:, -1:]
+        log_p = log_p.masked_fill(log_p < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_lp, order = torch.sort(log_p, descending=True, dim=-1)
+        before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()
+        drop_sorted = before >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        log_p = log_p.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(log_p, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Reference(Protocol):
+    """The frozen π_ref: logprobs and logits of a rollout's response tokens, never trained."""
+
+    def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
+        """log π_ref of the response tokens, under the rollout's temperature."""
+        ...
+
+    def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
+        """π_ref's next-token logits aligned with the response tokens (for exact KL)."""
+        ...
+
+
+def _reference_logprobs(model: nn.Module, rollout: Rollout) -> Tensor:
+    logits = _response_forward(model, rollout).logits
+    return KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
+
+
+@final
+class FrozenReference:
+    """π_ref as a frozen deep copy of the policy's initial weights.
+
+    Costs a second copy of the weights; with a LoRA policy prefer
+    :class:`AdapterOffReference`.
+
+    Args:
+        policy: the policy whose current weights become π_ref.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.model = copy.deepcopy(policy.model)
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
+        return _reference_logprobs(self.model, rollout)
+
+    @torch.no_grad()
+    def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
+        return _response_forward(self.model, rollout).logits
+
+
+@final
+class AdapterOffReference:
+    """π_ref as the policy's own weights with its LoRA adapter switched off.
+
+    No second copy of the base weights: the reference is the base model the
+    adapter was added to, evaluated inside peft's ``disable_adapter()``.
+
+    Args:
+        policy: a Policy whose model is a ``peft.PeftModel``.
+
+    Raises:
+        TypeError: the policy's model has no adapter to switch off.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        disable = getattr(type(policy.model), "disable_adapter", None)
+        if disable is None:
+            raise TypeError(
+                "AdapterOffReference needs a policy whose model is a peft.PeftModel; "
+                "use FrozenReference for a fully trained policy"
+            )
+        self.policy = policy
+
+    def _adapter_off(self) -> Iterator[None]:
+        return self.policy.model.disable_adapter()  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
+        with self._adapter_off():
+            return _reference_logprobs(self.policy.model, rollout)
+
+    @torch.no_grad()
+    def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
+        with self._adapter_off():
+            return _response_forward(self.policy.model, rollout).logits

@@ -1,0 +1,248 @@
+"""Rollout: the one data type that flows between blocks; RolloutBuffer: minibatches of it.
+
+Shape letters: ``B`` completions, ``P`` prompt tokens (left padded), ``T``
+response tokens (right padded).
+"""
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, final
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+import kltune.functional as KF
+
+_TOKEN_FIELDS = ("old_logprobs", "ref_logprobs", "old_values", "rewards", "advantages", "returns")
+_SEQUENCE_FIELDS = ("scores", "prompt_index", "ended")
+
+
+def _check(field: str, tensor: Tensor, shape: tuple[int, ...], kind: str) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"Rollout.{field} must have shape {shape}, got {tuple(tensor.shape)}")
+    ok = {
+        "float": tensor.is_floating_point(),
+        "int": not tensor.is_floating_point() and tensor.dtype != torch.bool,
+        "bool": tensor.dtype == torch.bool,
+    }[kind]
+    if not ok:
+        raise ValueError(f"Rollout.{field} must be a {kind} tensor, got dtype {tensor.dtype}")
+
+
+@final
+@dataclass(frozen=True)
+class Rollout:
+    """A batch of prompts and sampled completions, plus what later stages add.
+
+    Every tensor is batch-first. Prompts are left padded (``prompt_mask`` True on
+    real tokens), responses right padded: ``response_mask`` is True from the
+    first response token up to and including the first EOS (the EOS token is a
+    response token: the policy chose to stop), False after it.
+
+    Attributes:
+        prompt_ids: prompt token ids.
+        prompt_mask: True on real prompt tokens.
+        response_ids: sampled token ids (padding after EOS).
+        response_mask: True on real response tokens; every row has at least one.
+        old_logprobs: behaviour logprobs log π_old of the sampled tokens,
+            under ``softmax(logits / temperature)``.
+        prompts: the prompt texts, one per row.
+        completions: the decoded completions, one per row.
+        temperature: the sampling temperature; scoring must use the same.
+        prompt_index: which distinct prompt each row came from (rows of one
+            prompt are contiguous); used by group baselines.
+        ended: True where the completion ended with EOS (not truncated).
+        ref_logprobs: log π_ref of the sampled tokens (filled by a Reference).
+        scores: one reward per completion (filled by a RewardFn).
+        old_values: value predictions at rollout time (with a value head).
+        rewards: per-token shaped rewards.
+        advantages: per-token advantages.
+        returns: per-token value targets.
+    """
+
+    prompt_ids: Int[Tensor, "B P"]
+    prompt_mask: Bool[Tensor, "B P"]
+    response_ids: Int[Tensor, "B T"]
+    response_mask: Bool[Tensor, "B T"]
+    old_logprobs: Float[Tensor, "B T"]
+    prompts: tuple[str, ...]
+    completions: tuple[str, ...]
+    temperature: float
+    prompt_index: Int[Tensor, " B"]
+    ended: Bool[Tensor, " B"]
+    ref_logprobs: Float[Tensor, "B T"] | None = None
+    scores: Float[Tensor, " B"] | None = None
+    old_values: Float[Tensor, "B T"] | None = None
+    rewards: Float[Tensor, "B T"] | None = None
+    advantages: Float[Tensor, "B T"] | None = None
+    returns: Float[Tensor, "B T"] | None = None
+
+    def __post_init__(self) -> None:
+        batch, prompt_len = self.prompt_ids.shape[0], self.prompt_ids.shape[-1]
+        length = self.response_ids.shape[-1]
+        if batch == 0:
+            raise ValueError("a Rollout needs at least one completion (got an empty batch)")
+        _check("prompt_ids", self.prompt_ids, (batch, prompt_len), "int")
+        _check("prompt_mask", self.prompt_mask, (batch, prompt_len), "bool")
+        _check("response_ids", self.response_ids, (batch, length), "int")
+        _check("response_mask", self.response_mask, (batch, length), "bool")
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                _check(name, value, (batch, length), "float")
+        _check("prompt_index", self.prompt_index, (batch,), "int")
+        _check("ended", self.ended, (batch,), "bool")
+        if self.scores is not None:
+            _check("scores", self.scores, (batch,), "float")
+        if len(self.prompts) != batch or len(self.completions) != batch:
+            raise ValueError(
+                f"Rollout has {batch} rows but {len(self.prompts)} prompts and "
+                f"{len(self.completions)} completions"
+            )
+        if not bool(self.response_mask[:, 0].all()):
+            raise ValueError("every response must start with a real token (response_mask[:, 0])")
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def replace(self, **changes: Any) -> "Rollout":
+        """A copy with some fields replaced (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def select(self, index: Int[Tensor, " N"] | slice) -> "Rollout":
+        """The rows at ``index`` (a slice or a 1-D index tensor), as a new Rollout."""
+        rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
+        take = torch.as_tensor(list(rows), dtype=torch.long, device=self.prompt_ids.device)
+        changes: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                changes[field.name] = value.index_select(0, take)
+        changes["prompts"] = tuple(self.prompts[i] for i in take.tolist())
+        changes["completions"] = tuple(self.completions[i] for i in take.tolist())
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        """The same rollout with every tensor on ``device``."""
+        changes = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def lengths(self) -> Int[Tensor, " B"]:
+        """Number of real response tokens per row."""
+        return self.response_mask.sum(-1)
+
+    @staticmethod
+    def concat(rollouts: Sequence["Rollout"]) -> "Rollout":
+        """Stack rollouts along the batch axis, re-padding prompts (left) and responses (right).
+
+        ``prompt_index`` is offset so that groups of different rollouts stay apart.
+
+        Raises:
+            ValueError: an empty list, different temperatures, or a field filled
+                in some rollouts and not others.
+        """
+        if not rollouts:
+            raise ValueError("concat needs at least one rollout")
+        if len({r.temperature for r in rollouts}) != 1:
+            raise ValueError("cannot concat rollouts sampled at different temperatures")
+        prompt_len = max(r.prompt_ids.shape[1] for r in rollouts)
+        length = max(r.response_ids.shape[1] for r in rollouts)
+        offset, parts = 0, []
+        for r in rollouts:
+            parts.append(_padded(r, prompt_len, length, offset))
+            offset += int(r.prompt_index.max()) + 1
+        changes: dict[str, Any] = {}
+        for field in dataclasses.fields(Rollout):
+            values = [p[field.name] for p in parts]
+            if all(v is None for v in values):
+                continue
+            if any(v is None for v in values):
+                raise ValueError(f"cannot concat: {field.name} is set in some rollouts only")
+            if isinstance(values[0], Tensor):
+                changes[field.name] = torch.cat(values)
+            elif isinstance(values[0], tuple):
+                changes[field.name] = tuple(x for v in values for x in v)
+        return dataclasses.replace(rollouts[0], **changes)
+
+
+def _padded(r: Rollout, prompt_len: int, length: int, offset: int) -> dict[str, Any]:
+    """The fields of ``r`` as a dict, padded to the given lengths."""
+    out: dict[str, Any] = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+    left = prompt_len - r.prompt_ids.shape[1]
+    right = length - r.response_ids.shape[1]
+    out["prompt_ids"] = torch.nn.functional.pad(r.prompt_ids, (left, 0))
+    out["prompt_mask"] = torch.nn.functional.pad(r.prompt_mask, (left, 0))
+    for name in ("response_ids", "response_mask", *_TOKEN_FIELDS):
+        if out[name] is not None:
+            out[name] = torch.nn.functional.pad(out[name], (0, right))
+    out["prompt_index"] = r.prompt_index + offset
+    return out
+
+
+@final
+@dataclass(frozen=True)
+class RolloutBuffer:
+    """Rollouts held for several epochs of shuffled minibatches.
+
+    Args:
+        rollout: one Rollout, or several concatenated with :meth:`Rollout.concat`.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> buffer = RolloutBuffer(rollout)  # doctest: +SKIP
+        >>> for minibatch in buffer.minibatches(4, epochs=2, generator=gen):  # doctest: +SKIP
+        ...     loss = objective(policy, minibatch)
+    """
+
+    rollout: Rollout
+
+    def __len__(self) -> int:
+        return len(self.rollout)
+
+    def whitened(self, shift_mean: bool = True) -> "RolloutBuffer":
+        """The buffer with advantages whitened over all real tokens of the whole buffer.
+
+        Raises:
+            ValueError: the rollout has no advantages yet.
+        """
+        if self.rollout.advantages is None:
+            raise ValueError("whitened() needs advantages; run a Baseline first")
+        whitened = KF.masked_whiten(self.rollout.advantages, self.rollout.response_mask, shift_mean)
+        return RolloutBuffer(self.rollout.replace(advantages=whitened))
+
+    def minibatches(
+        self, minibatch_size: int, epochs: int = 1, generator: torch.Generator | None = None
+    ) -> Iterator[Rollout]:
+        """Yield shuffled minibatches, ``epochs`` passes over the buffer.
+
+        Each epoch is a fresh permutation drawn from ``generator`` (the same seed
+        gives the same minibatches). Every row appears once per epoch.
+
+        Raises:
+            ValueError: ``minibatch_size`` < 1, larger than the buffer, or not a
+                divisor of its size (unequal minibatches would weigh rows unequally);
+                ``epochs`` < 1.
+        """
+        size = len(self)
+        if minibatch_size < 1 or minibatch_size > size:
+            raise ValueError(
+                f"minibatch_size must be in [1, {size}] (the buffer holds {size} rows), "
+                f"got {minibatch_size}"
+            )
+        if size % minibatch_size != 0:
+            raise ValueError(
+                f"minibatch_size {minibatch_size} does not divide the buffer size {size}"
+            )
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        for _ in range(epochs):
+            order = torch.randperm(size, generator=generator)
+            for start in range(0, size, minibatch_size):
+                yield self.rollout.select(order[start : start + minibatch_size])
