@@ -68,4 +68,5 @@ def examples(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The README's main job: a short sentiment run on the embedded model."""
     install(session, "test")
-    session.run("kltune-demo", *session.posargs)
+    args = session.posargs or ["--iterations", "12", "--out", "runs/demo"]
+    session.run("python", "examples/sentiment.py", *args)

@@ -16,8 +16,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-# Tests run on two threads (CI's cores); tiny models gain nothing from more.
-torch.set_num_threads(2)
+# One thread per process: pytest-xdist runs two workers on two cores, and more
+# threads than cores makes OpenMP spin-wait (tenfold slowdowns seen here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=[torch.float32, torch.float64], ids=["f32", "f64"])

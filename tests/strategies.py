@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 from torch import Tensor
 
 MAX_B = 6
@@ -35,11 +34,44 @@ def finite_floats(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.floats(lo, hi, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 
 
-def tensors(shape: Shape, lo: float = -10.0, hi: float = 10.0) -> st.SearchStrategy[Tensor]:
-    """Float64 tensors of ``shape`` with finite values in [lo, hi]."""
-    return hnp.arrays(np.float64, shape, elements=finite_floats(lo, hi)).map(
-        lambda a: torch.tensor(a, dtype=torch.float64)
-    )
+@st.composite
+def _sparse_arrays(draw: st.DrawFn, shape: Shape, lo: float, hi: float, k: int = 1) -> np.ndarray:
+    # ``k`` slices along the first axis (k = 1: the whole array), each one fill
+    # value, then a few elements overwritten one by one: ties, constants and edge
+    # values in a handful of draws.
+    out = np.empty((k, *shape), dtype=np.float64)
+    for i in range(k):
+        out[i] = draw(finite_floats(lo, hi))
+    flat = out.reshape(-1)
+    for _ in range(draw(st.integers(0, min(flat.size, 8)))):
+        flat[draw(st.integers(0, flat.size - 1))] = draw(finite_floats(lo, hi))
+    return out if k > 1 else out[0]
+
+
+def tensors(
+    shape: Shape, lo: float = -10.0, hi: float = 10.0, k: int = 1
+) -> st.SearchStrategy[Tensor]:
+    """Float64 tensors of ``shape`` with finite values in [lo, hi].
+
+    With ``k > 1``: ``k`` such tensors stacked along a new first axis, drawn at
+    once (cheaper than ``k`` draws).
+
+    One draw in three is sparse: one fill value (per slice) with a few elements
+    drawn one by one, so ties, constants and edge values (0, lo, hi) come up
+    and shrink to readable numbers. The others are i.i.d. uniform from a
+    hypothesis-drawn seed: every element different, at the cost of one draw.
+    Drawing every element through hypothesis covers the same ground at several
+    times the run time, which the suite's time budget cannot afford.
+    """
+    return _arrays(shape, lo, hi, k).map(lambda a: torch.tensor(a, dtype=torch.float64))
+
+
+@st.composite
+def _arrays(draw: st.DrawFn, shape: Shape, lo: float, hi: float, k: int) -> np.ndarray:
+    if draw(st.integers(0, 2)) == 0:  # shrinks towards the sparse, readable kind
+        return draw(_sparse_arrays(shape, lo, hi, k))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return np.random.default_rng(seed).uniform(lo, hi, (k, *shape) if k > 1 else shape)
 
 
 def shapes(
@@ -83,37 +115,52 @@ def right_padded_masks(
 ) -> Tensor:
     """Bool [B, T] masks, True on a prefix of each row.
 
-    Each row holds at least one real token unless ``allow_empty_rows``.
+    Each row holds at least one real token unless ``allow_empty_rows``. The B
+    lengths are the digits of one drawn integer (one draw instead of B); it
+    shrinks to 0, i.e. the shortest rows.
     """
     b, t = shape
-    lengths = draw(st.lists(st.integers(0 if allow_empty_rows else 1, t), min_size=b, max_size=b))
+    low = 0 if allow_empty_rows else 1
+    base = t - low + 1
+    code = draw(st.integers(0, base**b - 1))
+    lengths = [low + (code // base**i) % base for i in range(b)]
     return torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
 
 
 @st.composite
 def any_masks(draw: st.DrawFn, shape: Shape) -> Tensor:
-    """Bool masks of any pattern (holes allowed) with at least one True somewhere."""
-    mask = draw(hnp.arrays(np.bool_, shape)).copy()
-    flat = mask.reshape(-1)
-    flat[draw(st.integers(0, flat.size - 1))] = True
+    """Bool masks of any pattern (holes allowed) with at least one True somewhere.
+
+    A third are right padded; the rest i.i.d. with a drawn density, from a seed.
+    """
+    if len(shape) == 2 and draw(st.integers(0, 2)) == 0:
+        return draw(right_padded_masks(shape))
+    density = draw(st.sampled_from([0.1, 0.3, 0.5, 0.8, 0.95]))
+    mask = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random(shape) < density
+    mask.reshape(-1)[draw(st.integers(0, mask.size - 1))] = True
     return torch.tensor(mask)
 
 
-def garbage(shape: Shape, nonfinite: bool = True) -> st.SearchStrategy[Tensor]:
+NONFINITE = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30]
+
+
+@st.composite
+def garbage(draw: st.DrawFn, shape: Shape, nonfinite: bool = True) -> Tensor:
     """Float64 values to put under padding: large, and NaN/±inf when ``nonfinite``.
 
-    Finite garbage stays in [-50, 50] so that ``exp`` of it is still finite; a
-    function that does not promise to survive NaN is still tested with it.
+    Either one value everywhere (shrinks to something readable) or a seeded mix.
+    Finite garbage stays in [-50, 50] so that ``exp`` of it is still finite: it
+    is what tests use for functions that do not promise to survive NaN.
     """
-    elements: st.SearchStrategy[float] = finite_floats(-50.0, 50.0)
-    if nonfinite:
-        elements = st.one_of(
-            st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e30, -1e30]),
-            elements,
-        )
-    return hnp.arrays(np.float64, shape, elements=elements).map(
-        lambda a: torch.tensor(a, dtype=torch.float64)
-    )
+    pool = NONFINITE if nonfinite else [50.0, -50.0, 0.0]
+    if draw(st.integers(0, 2)) == 0:
+        value = draw(st.sampled_from(pool) | finite_floats(-50.0, 50.0))
+        return torch.full(shape, value, dtype=torch.float64)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = rng.uniform(-50.0, 50.0, shape)
+    special = rng.random(shape) < 0.5
+    values[special] = rng.choice(pool, size=int(special.sum()))
+    return torch.tensor(values, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -139,20 +186,25 @@ def rollouts(draw: st.DrawFn, min_b: int = 1, max_b: int = MAX_B, max_t: int = M
     """A :class:`Rollout` of float64 tensors; padding holds ordinary finite values."""
     shape = draw(shapes(min_b=min_b, max_b=max_b, max_t=max_t))
     mask = draw(right_padded_masks(shape))
-    logprobs_, ref = draw(logprob_pairs(shape))
+    u = draw(tensors(shape, -1.0, 1.0, k=8))  # each field an affine map of one slice
+    logprobs_ = 10.0 * (u[0] - 1.0)  # [-20, 0]
+    if draw(st.booleans()):  # π_ref near π (|Δ| ≤ 0.1) or anywhere in [-20, 0]
+        ref = (logprobs_ + 0.1 * u[1]).clamp(max=0.0)
+    else:
+        ref = 10.0 * (u[1] - 1.0)
     # Ratios in [e^-0.5, e^0.5] ≈ [0.61, 1.65]: both sides of a 0.2 clip range.
-    old = (logprobs_ + draw(tensors(shape, -0.5, 0.5))).clamp(max=0.0)
-    values = draw(tensors(shape, -5.0, 5.0))
+    old = (logprobs_ + 0.5 * u[2]).clamp(max=0.0)
+    values = 5.0 * u[3]
     return Rollout(
         mask=mask,
         logprobs=logprobs_,
         old_logprobs=old,
         ref_logprobs=ref,
-        advantages=draw(tensors(shape, -5.0, 5.0)),
+        advantages=5.0 * u[4],
         values=values,
-        old_values=values + draw(tensors(shape, -0.5, 0.5)),
-        returns=draw(tensors(shape, -5.0, 5.0)),
-        rewards=draw(tensors(shape, -2.0, 2.0)),
+        old_values=values + 0.5 * u[5],
+        returns=5.0 * u[6],
+        rewards=2.0 * u[7],
         scores=draw(tensors((shape[0],), -1.0, 1.0)),
     )
 

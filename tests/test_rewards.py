@@ -182,9 +182,12 @@ def test_vader_positive_beats_negative_and_is_bounded() -> None:
     assert bool((pos.min() > neg.max()).item())
 
 
+VADER = VaderSentiment()  # one analyzer for the property test: building it takes ~40 ms
+
+
 @given(st.lists(st.text(max_size=80), min_size=1, max_size=4))
 def test_vader_is_in_range_for_any_text(texts: list[str]) -> None:
-    scores = score_completions(VaderSentiment(), _blank(len(texts)), texts)
+    scores = score_completions(VADER, _blank(len(texts)), texts)
     assert bool(((scores >= -1) & (scores <= 1)).all())
 
 
@@ -377,20 +380,26 @@ def test_classifier_truncates_to_position_limit_and_include_prompt(binary, token
     long = "great fun " * 50  # 100 words > 12 positions
     assert bool(torch.isfinite(reward([""], [long])).all())
     prefix = ClassifierReward(binary, tokenizer, positive_label=1, max_length=3)
-    assert prefix([""], ["great fun what a sad mess"]).item() == reward([""], ["great fun what"]).item()
+    assert (
+        prefix([""], ["great fun what a sad mess"]).item()
+        == reward([""], ["great fun what"]).item()
+    )
     with_prompt = ClassifierReward(binary, tokenizer, positive_label=1, include_prompt=True)
     prompts, completions = ["i hate this film"], [" it is great fun"]
-    assert with_prompt(prompts, completions).item() == reward([""], [prompts[0] + completions[0]]).item()
+    assert (
+        with_prompt(prompts, completions).item()
+        == reward([""], [prompts[0] + completions[0]]).item()
+    )
     assert with_prompt(prompts, completions).item() != reward(prompts, completions).item()
 
 
 def test_classifier_argument_errors(binary, tokenizer) -> None:
-    with pytest.raises(ValueError, match="'MAYBE' is not a label.*NEGATIVE"):
+    with pytest.raises(ValueError, match=r"'MAYBE' is not a label.*NEGATIVE"):
         ClassifierReward(binary, tokenizer, positive_label="MAYBE")
     with pytest.raises(ValueError, match="out of range"):
         ClassifierReward(binary, tokenizer, positive_label=2)
     # jaxtyping's hook rejects the Literal in the tests (TypeError); users get the ValueError
-    with pytest.raises((ValueError, TypeError), match="output|odds"):
+    with pytest.raises((ValueError, TypeError), match=r"output|odds"):
         ClassifierReward(binary, tokenizer, positive_label=1, output="odds")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size"):
         ClassifierReward(binary, tokenizer, positive_label=1, batch_size=0)
@@ -541,9 +550,9 @@ def test_running_normalizer_matches_numpy_over_all_batches(batch_list: list[list
     assert norm.count == seen.size
     assert norm.mean == pytest.approx(seen.mean(), rel=1e-9, abs=1e-9)
     assert norm.std == pytest.approx(seen.std(), rel=1e-6, abs=1e-6)
-    x = torch.tensor(seen)
-    expected = (seen - seen.mean()) / (seen.std() + norm.eps)
-    np.testing.assert_allclose(norm.normalize(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    if seen.std() > 1e-3:  # else (s - mean) / (std + eps) amplifies rounding by 1 / eps
+        expected = (seen - seen.mean()) / (seen.std() + norm.eps)
+        np.testing.assert_allclose(norm.normalize(torch.tensor(seen)).numpy(), expected, rtol=1e-6)
 
 
 def test_running_normalizer_update_returns_new_state() -> None:
@@ -554,7 +563,9 @@ def test_running_normalizer_update_returns_new_state() -> None:
     assert new.update(torch.zeros(0)) == new  # an empty batch changes nothing
     out = new.normalize(torch.tensor([2.0, 5.0], dtype=torch.float64))
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, torch.tensor([0.0, 3.0 / math.sqrt(2 / 3)], dtype=torch.float64))
+    torch.testing.assert_close(
+        out, torch.tensor([0.0, 3.0 / math.sqrt(2 / 3)], dtype=torch.float64)
+    )
 
 
 def test_running_normalizer_state_dict_round_trip_and_errors() -> None:

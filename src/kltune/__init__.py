@@ -7,62 +7,128 @@ re-exported here.
 
 from kltune.baselines import (
     Baseline as Baseline,
+)
+from kltune.baselines import (
     EMABaseline as EMABaseline,
+)
+from kltune.baselines import (
     GAEBaseline as GAEBaseline,
+)
+from kltune.baselines import (
     GroupNormBaseline as GroupNormBaseline,
+)
+from kltune.baselines import (
     LearnedBaseline as LearnedBaseline,
+)
+from kltune.baselines import (
     LeaveOneOutBaseline as LeaveOneOutBaseline,
+)
+from kltune.baselines import (
     MeanBaseline as MeanBaseline,
+)
+from kltune.baselines import (
     PromptValueBaseline as PromptValueBaseline,
 )
 from kltune.driver import train as train
 from kltune.kl_control import (
     AdaptiveKLController as AdaptiveKLController,
+)
+from kltune.kl_control import (
     ConstraintKLController as ConstraintKLController,
+)
+from kltune.kl_control import (
     FixedKLController as FixedKLController,
+)
+from kltune.kl_control import (
     KLController as KLController,
+)
+from kltune.kl_control import (
     KLPenalty as KLPenalty,
+)
+from kltune.kl_control import (
     controller_from_state as controller_from_state,
 )
 from kltune.loading import (
     load_model as load_model,
+)
+from kltune.loading import (
+    movie_review_prompts as movie_review_prompts,
+)
+from kltune.loading import (
     tiny_random_model as tiny_random_model,
 )
 from kltune.loop import (
     Blocks as Blocks,
+)
+from kltune.loop import (
     LoopState as LoopState,
+)
+from kltune.loop import (
     Optimisation as Optimisation,
+)
+from kltune.loop import (
     Sampling as Sampling,
+)
+from kltune.loop import (
     ValueFit as ValueFit,
+)
+from kltune.loop import (
     ppo_iteration as ppo_iteration,
 )
 from kltune.objective import PPOObjective as PPOObjective
 from kltune.policy import (
     AdapterOffReference as AdapterOffReference,
+)
+from kltune.policy import (
     FrozenReference as FrozenReference,
+)
+from kltune.policy import (
     Policy as Policy,
+)
+from kltune.policy import (
     PolicyOutput as PolicyOutput,
+)
+from kltune.policy import (
     Reference as Reference,
 )
 from kltune.rewards import (
     ClassifierReward as ClassifierReward,
+)
+from kltune.rewards import (
     LengthReward as LengthReward,
+)
+from kltune.rewards import (
     RepetitionPenalty as RepetitionPenalty,
+)
+from kltune.rewards import (
     RewardFn as RewardFn,
+)
+from kltune.rewards import (
     RunningNormalizer as RunningNormalizer,
+)
+from kltune.rewards import (
     VaderSentiment as VaderSentiment,
+)
+from kltune.rewards import (
     clipped as clipped,
+)
+from kltune.rewards import (
     missing_eos_penalty as missing_eos_penalty,
+)
+from kltune.rewards import (
     score_completions as score_completions,
+)
+from kltune.rewards import (
     weighted_sum as weighted_sum,
 )
-from kltune.rollout import Rollout as Rollout, RolloutBuffer as RolloutBuffer
+from kltune.rollout import Rollout as Rollout
+from kltune.rollout import RolloutBuffer as RolloutBuffer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveKLController",
     "AdapterOffReference",
+    "AdaptiveKLController",
     "Baseline",
     "Blocks",
     "ClassifierReward",
@@ -91,12 +157,13 @@ __all__ = [
     "RolloutBuffer",
     "RunningNormalizer",
     "Sampling",
-    "ValueFit",
     "VaderSentiment",
+    "ValueFit",
     "clipped",
     "controller_from_state",
     "load_model",
     "missing_eos_penalty",
+    "movie_review_prompts",
     "ppo_iteration",
     "score_completions",
     "tiny_random_model",

@@ -17,7 +17,7 @@ training loss is exposed as ``loss`` so the loop optimises it explicitly.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol, final
+from typing import Protocol, final, runtime_checkable
 
 import einops
 import torch
@@ -28,6 +28,7 @@ import kltune.functional as KF
 from kltune.rollout import Rollout
 
 
+@runtime_checkable
 class Baseline(Protocol):
     """Advantages and returns from a rollout with shaped rewards."""
 
@@ -40,6 +41,7 @@ class Baseline(Protocol):
         ...
 
 
+@runtime_checkable
 class LearnedBaseline(Baseline, Protocol):
     """A baseline with parameters, trained by the loop on ``loss``."""
 

@@ -142,6 +142,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     draw = prompt_batches(prompts, prompts_per_iteration, generator)
     detector: CollapseDetector | None = None
+    first_diversity: dict[str, float] | None = None
     bar = tqdm(
         total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
     )
@@ -154,11 +155,12 @@ def train(
                 draw(), blocks, state, sampling, optimisation, generator
             )
             diversity = diversity_metrics(list(rollout.completions))
-            if detector is None:
-                detector = CollapseDetector.from_reference(
-                    list(rollout.completions), threshold=collapse_threshold
-                )
-            metrics |= diversity | detector.metrics(diversity)
+            if first_diversity is None:
+                first_diversity = diversity
+                detector = _collapse_detector(rollout, collapse_threshold)
+            metrics |= diversity
+            if detector is not None:
+                metrics |= detector.metrics(diversity)
             if metrics_file is not None:
                 _write_line(metrics_file, metrics)
             if (
@@ -179,6 +181,14 @@ def train(
             bar.update(1)
     bar.close()
     return state
+
+
+def _collapse_detector(rollout: Rollout, threshold: float) -> CollapseDetector | None:
+    """A detector against the first iteration's samples (π_ref's own), or None when
+    those have no bigram to compare with (e.g. a random model's unspaced output)."""
+    if diversity_metrics(list(rollout.completions))["diversity/distinct_2"] <= 0:
+        return None
+    return CollapseDetector.from_reference(list(rollout.completions), threshold=threshold)
 
 
 def _checkpoint(out: Path, blocks: Blocks, state: LoopState, generator: torch.Generator) -> None:

@@ -218,3 +218,9 @@ def tiny_random_model(
             raise ValueError(f"architecture must be 'llama' or 'gpt2', got {architecture!r}")
     model.eval()
     return model, tokenizer
+
+
+def movie_review_prompts() -> list[str]:
+    """Fifty varied openings of movie reviews, shipped with kltune (for the sentiment task)."""
+    text = (Path(__file__).parent / "data" / "movie_review_prompts.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]

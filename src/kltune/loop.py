@@ -9,7 +9,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, final
+from typing import Any, Protocol, final, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -76,6 +76,7 @@ class ValueFit:
     steps: int = 1
 
 
+@runtime_checkable
 class Backward(Protocol):
     """How a loss is backpropagated (plain ``loss.backward`` or an accelerator's)."""
 

@@ -13,7 +13,7 @@ Computing the loss changes nothing: β comes in as an argument, metrics go out.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, final
+from typing import Protocol, final, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float
@@ -27,6 +27,7 @@ from kltune.rollout import Rollout
 Aggregate = Callable[[Tensor, Tensor], Tensor]
 
 
+@runtime_checkable
 class Scorer(Protocol):
     """The narrow view of a policy that a loss needs: score given tokens."""
 

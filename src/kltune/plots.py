@@ -41,7 +41,10 @@ DEFAULT_KEYS: Final[tuple[str, ...]] = (
 _LABELS: Final[Mapping[str, str]] = MappingProxyType(
     {
         "reward/score_mean": "mean reward",
-        "kl/mean": "KL(π‖π_ref) per token",
+        "kl/mean": "KL(π‖π_ref) per completion (nats)",
+        "kl/per_token": "KL(π‖π_ref) per token (nats)",
+        "advantage/var": "advantage variance",
+        "policy/grad_norm": "gradient norm",
         "kl/beta": "KL coefficient β",
         "policy/entropy": "token entropy (nats)",
         "diversity/distinct_1": "distinct-1",

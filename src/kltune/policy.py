@@ -14,7 +14,7 @@ import copy
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol, final
+from typing import Any, Protocol, final, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -364,6 +364,7 @@ def _draw(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@runtime_checkable
 class Reference(Protocol):
     """The frozen π_ref: logprobs and logits of a rollout's response tokens, never trained."""
 

@@ -241,15 +241,16 @@ class VaderSentiment:
         \text{compound} = \frac{s}{\sqrt{s^2 + \alpha}}, \qquad \alpha = 15
 
     The lexicon ships in the ``vadersentiment`` wheel: offline, CPU-only,
-    deterministic, about 0.1 ms per sentence. The analyzer is built once per
+    deterministic and fast. The analyzer is built once per
     instance, on first use, and is left out of pickles and deep copies (it is
     rebuilt on demand), so the reward can be sent to worker processes cheaply.
 
     Args:
         include_prompt: score ``prompt + completion`` instead of the completion
-            alone. The default (False) scores only what the policy wrote: the
-            prompt is fixed, and including it would shift every score by an
-            amount that depends on the prompt. Set it when the completion only
+            alone. The default (False) scores only what the policy wrote:
+            including the prompt mixes its sentiment, which the policy cannot
+            change, into the score, so different prompts start from different
+            baselines (and a long prompt dilutes the completion). Set it when the completion only
             reads right in context, e.g. a prompt ending in "not" followed by a
             completion starting with "good".
 

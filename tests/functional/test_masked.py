@@ -221,21 +221,27 @@ def test_masked_batch_permutation_permutes_rows_and_leaves_means_alone(xm, rnd):
 def test_masked_whiten_gives_zero_mean_and_unit_variance(xm):
     # Over the real positions, whitened values have mean 0 and variance 1 (unless constant).
     x, mask = xm
-    assume(KF.masked_var(x, mask).item() > 1e-3)
-    w = KF.masked_whiten(x, mask)
-    assert KF.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-9)
-    assert KF.masked_var(w, mask).item() == pytest.approx(1.0, rel=1e-4)
+    w = KF.masked_whiten(x, mask, eps=0.0)
     assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
+    if KF.masked_var(x, mask).item() < 1e-12:  # constant: 0/0 without eps, see the eps case
+        torch.testing.assert_close(
+            KF.masked_whiten(x, mask), torch.zeros_like(x), atol=1e-6, rtol=0.0
+        )
+        return
+    assert KF.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-9)
+    assert KF.masked_var(w, mask).item() == pytest.approx(1.0, rel=1e-9)
 
 
 @given(values_and_mask())
 def test_masked_whiten_without_shift_keeps_the_mean(xm):
     # shift_mean=False rescales around the mean: the mean stays, the variance becomes 1.
     x, mask = xm
-    assume(KF.masked_var(x, mask).item() > 1e-3)
     w = KF.masked_whiten(x, mask, shift_mean=False)
-    assert KF.masked_mean(w, mask).item() == pytest.approx(KF.masked_mean(x, mask).item(), abs=1e-9)
-    assert KF.masked_var(w, mask).item() == pytest.approx(1.0, rel=1e-4)
+    mean = KF.masked_mean(x, mask).item()
+    assert KF.masked_mean(w, mask).item() == pytest.approx(mean, abs=1e-9)
+    if KF.masked_var(x, mask).item() > 1e-12:
+        w = KF.masked_whiten(x, mask, shift_mean=False, eps=0.0)
+        assert KF.masked_var(w, mask).item() == pytest.approx(1.0, rel=1e-9)
 
 
 @given(st.data())
@@ -256,7 +262,8 @@ def test_masked_mean_of_a_fully_masked_row_is_zero_and_ignored_by_the_batch_mean
 def test_masked_whiten_is_invariant_to_affine_maps(xm, scale, shift):
     # Whitening a·x + b (a > 0) gives the same result as whitening x.
     x, mask = xm
-    assume(KF.masked_var(x, mask).item() > 1e-3)
+    if KF.masked_var(x, mask).item() < 1e-6:  # 0/0 without eps: nothing to compare
+        return
     torch.testing.assert_close(
         KF.masked_whiten(scale * x + shift, mask, eps=0.0), KF.masked_whiten(x, mask, eps=0.0)
     )

@@ -9,38 +9,80 @@ state, no models, no randomness and no I/O. Shapes use the letters ``B``
 
 from kltune.functional._advantages import (
     gae as gae,
+)
+from kltune.functional._advantages import (
     grpo_advantages as grpo_advantages,
+)
+from kltune.functional._advantages import (
     reward_to_go as reward_to_go,
+)
+from kltune.functional._advantages import (
     rloo_advantages as rloo_advantages,
 )
 from kltune.functional._kl import (
     kl_exact as kl_exact,
+)
+from kltune.functional._kl import (
     kl_k1 as kl_k1,
+)
+from kltune.functional._kl import (
     kl_k2 as kl_k2,
+)
+from kltune.functional._kl import (
     kl_k3 as kl_k3,
+)
+from kltune.functional._kl import (
     kl_k3_st as kl_k3_st,
+)
+from kltune.functional._kl import (
     shaped_rewards as shaped_rewards,
 )
 from kltune.functional._logprobs import (
     entropy_from_logits as entropy_from_logits,
+)
+from kltune.functional._logprobs import (
     logprobs_from_logits as logprobs_from_logits,
 )
 from kltune.functional._masked import (
     masked_mean as masked_mean,
+)
+from kltune.functional._masked import (
     masked_sum as masked_sum,
+)
+from kltune.functional._masked import (
     masked_var as masked_var,
+)
+from kltune.functional._masked import (
     masked_whiten as masked_whiten,
 )
 from kltune.functional._ppo import (
     approx_kl as approx_kl,
+)
+from kltune.functional._ppo import (
     clip_fraction as clip_fraction,
+)
+from kltune.functional._ppo import (
     clipped_surrogate_loss as clipped_surrogate_loss,
+)
+from kltune.functional._ppo import (
     clipped_value_loss as clipped_value_loss,
+)
+from kltune.functional._ppo import (
     entropy_bonus as entropy_bonus,
+)
+from kltune.functional._ppo import (
     explained_variance as explained_variance,
+)
+from kltune.functional._ppo import (
     sequence_mean as sequence_mean,
+)
+from kltune.functional._ppo import (
     token_mean as token_mean,
+)
+from kltune.functional._ppo import (
     token_sum as token_sum,
+)
+from kltune.functional._ppo import (
     value_regression_loss as value_regression_loss,
 )
 

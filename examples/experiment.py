@@ -1,0 +1,174 @@
+"""Shared set-up of the example experiments: one Arm = one configuration of the blocks.
+
+Every example builds its runs from an :class:`Arm` (a few named settings) and
+:func:`run_arm`, which assembles kltune's public blocks and calls ``kltune.train``.
+Read :func:`build_blocks` to see a full PPO+KL set-up in one screen.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kltune
+import kltune.functional as KF
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One experimental configuration."""
+
+    name: str
+    controller: Callable[[], kltune.KLController] = lambda: kltune.AdaptiveKLController(
+        beta=0.1, target=4.0, horizon=1000
+    )
+    baseline: str = "mean"  # mean | ema | rloo | grpo | prompt_value | gae
+    kl_estimator: Callable = KF.kl_k3
+    kl_in_loss: bool = False
+    reward: Callable[[], kltune.RewardFn] = kltune.VaderSentiment
+    lr: float = 1e-5
+    epochs: int = 2
+    minibatch_size: int = 8
+    prompts_per_iteration: int = 8
+    completions_per_prompt: int = 2
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    entropy_coef: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def parse_args(description: str, **defaults) -> argparse.Namespace:
+    """The flags every example shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, seconds")
+    parser.add_argument("--model", default="embedded", help="'embedded', a hub id or a path")
+    parser.add_argument("--iterations", type=int, default=defaults.get("iterations", 30))
+    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.get("seeds", [0]))
+    parser.add_argument("--out", type=Path, default=Path(defaults.get("out", "runs/example")))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process)")
+    parser.add_argument("--arms", nargs="+", help="run only these arms (names)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.iterations, args.seeds = 2, args.seeds[:2]
+    return args
+
+
+def smoke_arm(arm: Arm) -> Arm:
+    """The same arm, shrunk to run in seconds on a tiny random model."""
+    return dataclasses.replace(
+        arm, max_new_tokens=6, prompts_per_iteration=2, minibatch_size=2, epochs=1
+    )
+
+
+def make_baseline(
+    arm: Arm, policy: kltune.Policy
+) -> tuple[kltune.Baseline, kltune.ValueFit | None]:
+    kinds = {
+        "mean": kltune.MeanBaseline,
+        "ema": kltune.EMABaseline,
+        "rloo": kltune.LeaveOneOutBaseline,
+        "grpo": kltune.GroupNormBaseline,
+        "gae": kltune.GAEBaseline,
+    }
+    if arm.baseline == "prompt_value":
+        value = kltune.PromptValueBaseline(vocab_size=len(policy.tokenizer), dim=64)
+        fit = kltune.ValueFit(value, torch.optim.Adam(value.parameters(), lr=1e-2), steps=4)
+        return value, fit
+    return kinds[arm.baseline](), None
+
+
+def build_blocks(arm: Arm, model, tokenizer) -> tuple[kltune.Blocks, kltune.LoopState]:
+    """Policy, reference, reward, objective and optimiser for one arm."""
+    policy = kltune.Policy(model, tokenizer, value_head=arm.baseline == "gae")
+    reference = kltune.FrozenReference(policy)
+    baseline, value_fit = make_baseline(arm, policy)
+    objective = kltune.PPOObjective(
+        clip_eps=0.2,
+        entropy_coef=arm.entropy_coef,
+        kl=kltune.KLPenalty(estimator=arm.kl_estimator, in_loss=arm.kl_in_loss),
+    )
+    optimizer = torch.optim.Adam(policy.parameters(), lr=arm.lr, eps=1e-5)
+    blocks = kltune.Blocks(
+        policy=policy,
+        reference=reference,
+        reward_fn=arm.reward(),
+        objective=objective,
+        optimizer=optimizer,
+        value_fit=value_fit,
+    )
+    return blocks, kltune.LoopState(controller=arm.controller(), baseline=baseline)
+
+
+def load(args: argparse.Namespace):
+    if args.smoke:
+        return kltune.tiny_random_model("llama")
+    return kltune.load_model(args.model)
+
+
+def selected(arms: list[Arm], args: argparse.Namespace) -> list[Arm]:
+    """The arms named by ``--arms`` (all of them by default)."""
+    if not args.arms:
+        return arms
+    unknown = set(args.arms) - {arm.name for arm in arms}
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {[a.name for a in arms]}")
+    return [arm for arm in arms if arm.name in args.arms]
+
+
+def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune.Blocks | None]:
+    """Train one arm for one seed; returns its folder (metrics.jsonl, samples.jsonl,
+    run.json) and the trained blocks (None when the run was already complete)."""
+    arm = smoke_arm(arm) if args.smoke else arm
+    out = args.out / arm.name.replace(" ", "_") / f"seed{seed}"
+    if (out / "run.json").is_file():
+        print(f"{out} is complete; skipping")
+        return out, None
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # an interrupted run restarts from scratch
+        (out / "samples.jsonl").unlink(missing_ok=True)
+    model, tokenizer = load(args)
+    torch.manual_seed(seed)  # the example (not the library) seeds the value-head init
+    blocks, state = build_blocks(arm, model, tokenizer)
+    start = time.time()
+    kltune.train(
+        kltune.movie_review_prompts(),
+        blocks,
+        state,
+        iterations=args.iterations,
+        out_dir=out,
+        prompts_per_iteration=arm.prompts_per_iteration,
+        sampling=kltune.Sampling(
+            max_new_tokens=arm.max_new_tokens,
+            temperature=arm.temperature,
+            completions_per_prompt=arm.completions_per_prompt,
+        ),
+        optimisation=kltune.Optimisation(epochs=arm.epochs, minibatch_size=arm.minibatch_size),
+        seed=seed,
+        sample_every=5,
+    )
+    seconds = time.time() - start
+    info = {
+        "arm": arm.name,
+        "seed": seed,
+        "iterations": args.iterations,
+        "wall_seconds": seconds,
+        "seconds_per_iteration": seconds / args.iterations,
+        "settings": {
+            k: v for k, v in dataclasses.asdict(arm).items() if isinstance(v, (int, float, str))
+        },
+        "model": "tiny-random-llama" if args.smoke else args.model,
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    return out, blocks
+
+
+def final_samples(run: Path) -> list[dict]:
+    """The completions logged at the last sampled iteration of a run."""
+    lines = (run / "samples.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["samples"] if lines else []
