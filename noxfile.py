@@ -68,5 +68,5 @@ def examples(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The README's main job: a short sentiment run on the embedded model."""
     install(session, "test")
-    args = session.posargs or ["--iterations", "12", "--out", "runs/demo"]
+    args = session.posargs or ["--iterations", "12", "--threads", "2", "--out", "runs/demo"]
     session.run("python", "examples/sentiment.py", *args)

@@ -6,25 +6,25 @@ completions collapse; with it they stay close to the reference, fluent and
 diverse. Reports distinct-2, unique-completion ratio, KL and reward at the
 end, with example completions from each arm.
 
-    python examples/collapse.py --iterations 25 --seeds 0 1 2 --out runs/collapse
+    python examples/collapse.py --iterations 20 --seeds 0 1 2 --out runs/collapse
     python examples/collapse.py --smoke --out runs/smoke/collapse
 """
 
-from experiment import Arm, selected, final_samples, parse_args, run_arm
+from experiment import Arm, final_samples, parse_args, run_arm, selected
 
 import kltune
 from kltune.plots import plot_runs, summary_table
 
-args = parse_args(__doc__, iterations=25, seeds=[0, 1, 2], out="runs/collapse")
+args = parse_args(__doc__, iterations=20, seeds=[0, 1, 2], out="runs/collapse")
 arms = [
     Arm(name="beta=0", controller=lambda: kltune.FixedKLController(beta=0.0)),
     Arm(
         name="adaptive KL",
-        controller=lambda: kltune.AdaptiveKLController(beta=0.05, target=3.0, horizon=200),
+        controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=100),
     ),
     Arm(
         name="KL constraint",
-        controller=lambda: kltune.ConstraintKLController(beta=0.05, target=3.0, step_size=0.02),
+        controller=lambda: kltune.ConstraintKLController(beta=0.1, target=2.0, step_size=0.05),
     ),
 ]
 folders = {

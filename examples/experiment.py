@@ -25,18 +25,18 @@ class Arm:
 
     name: str
     controller: Callable[[], kltune.KLController] = lambda: kltune.AdaptiveKLController(
-        beta=0.1, target=4.0, horizon=1000
+        beta=0.1, target=2.0, horizon=100
     )
     baseline: str = "mean"  # mean | ema | rloo | grpo | prompt_value | gae
     kl_estimator: Callable = KF.kl_k3
     kl_in_loss: bool = False
     reward: Callable[[], kltune.RewardFn] = kltune.VaderSentiment
-    lr: float = 1e-5
-    epochs: int = 2
-    minibatch_size: int = 8
+    lr: float = 1e-4
+    epochs: int = 1
+    minibatch_size: int = 4
     prompts_per_iteration: int = 8
     completions_per_prompt: int = 2
-    max_new_tokens: int = 24
+    max_new_tokens: int = 20
     temperature: float = 1.0
     entropy_coef: float = 0.0
     extra: dict = field(default_factory=dict)

@@ -5,7 +5,7 @@ scores each completion in [-1, 1]; the adaptive controller (Ziegler et al.
 2019) moves beta to hold the KL to the reference near its target. Writes
 metrics, a plot, a summary table and a before/after table of completions.
 
-    python examples/sentiment.py --iterations 25 --out runs/sentiment
+    python examples/sentiment.py --iterations 20 --out runs/sentiment
     python examples/sentiment.py --smoke --out runs/smoke/sentiment
 """
 
@@ -15,10 +15,10 @@ from experiment import Arm, parse_args, run_arm
 import kltune
 from kltune.plots import plot_runs, summary_table
 
-args = parse_args(__doc__, iterations=25, out="runs/sentiment")
+args = parse_args(__doc__, iterations=20, out="runs/sentiment")
 arm = Arm(
     name="adaptive KL",
-    controller=lambda: kltune.AdaptiveKLController(beta=0.05, target=3.0, horizon=200),
+    controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=100),
 )
 runs = [run_arm(arm, args, seed) for seed in args.seeds]
 

@@ -26,24 +26,25 @@ from kltune.rollout import Rollout
 Tracker = Callable[[Metrics, int], None]
 
 
-def prompt_batches(
-    prompts: Sequence[str], per_iteration: int, generator: torch.Generator
-) -> Callable[[], list[str]]:
-    """Draw prompts without replacement, reshuffling each pass over the list."""
+def prompts_for_iteration(
+    prompts: Sequence[str], per_iteration: int, iteration: int, seed: int
+) -> list[str]:
+    """The prompts of one iteration: a pure function of (iteration, seed), so resuming works.
+
+    The pool is walked in passes, each a permutation seeded by ``(seed, pass)``;
+    iteration ``i`` takes positions ``[i·n, (i+1)·n)`` of that stream, so every
+    prompt is used once per pass.
+    """
     if not prompts:
         raise ValueError("prompts is empty")
     if per_iteration < 1:
         raise ValueError(f"prompts_per_iteration must be >= 1, got {per_iteration}")
-    queue: list[int] = []
-
-    def next_batch() -> list[str]:
-        while len(queue) < per_iteration:
-            queue.extend(torch.randperm(len(prompts), generator=generator).tolist())
-        batch = [prompts[i] for i in queue[:per_iteration]]
-        del queue[:per_iteration]
-        return batch
-
-    return next_batch
+    chosen = []
+    for position in range(iteration * per_iteration, (iteration + 1) * per_iteration):
+        pass_index, offset = divmod(position, len(prompts))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + pass_index)
+        chosen.append(prompts[int(torch.randperm(len(prompts), generator=generator)[offset])])
+    return chosen
 
 
 def _write_line(handle: TextIO, record: dict[str, Any]) -> None:
@@ -140,7 +141,6 @@ def train(
         state = _restore(out, blocks, state, generator)
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    draw = prompt_batches(prompts, prompts_per_iteration, generator)
     detector: CollapseDetector | None = None
     first_diversity: dict[str, float] | None = None
     bar = tqdm(
@@ -151,8 +151,9 @@ def train(
         _open(out / "samples.jsonl", is_main_process) as samples_file,
     ):
         while state.iteration < iterations:
+            batch = prompts_for_iteration(prompts, prompts_per_iteration, state.iteration, seed)
             state, rollout, metrics = ppo_iteration(
-                draw(), blocks, state, sampling, optimisation, generator
+                batch, blocks, state, sampling, optimisation, generator
             )
             diversity = diversity_metrics(list(rollout.completions))
             if first_diversity is None:

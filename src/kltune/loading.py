@@ -89,7 +89,7 @@ def _convert_embedded(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are already dequantised to float32; drop the GGUF marker so
     # that transformers saves them as plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
@@ -210,10 +210,10 @@ def tiny_random_model(
             )
             model: PreTrainedModel = LlamaForCausalLM(config)
         elif architecture == "gpt2":
-            config = GPT2Config(
+            gpt2_config = GPT2Config(
                 n_embd=hidden_size, n_layer=layers, n_head=4, n_positions=256, **special
             )
-            model = GPT2LMHeadModel(config)
+            model = GPT2LMHeadModel(gpt2_config)
         else:
             raise ValueError(f"architecture must be 'llama' or 'gpt2', got {architecture!r}")
     model.eval()

@@ -11,7 +11,7 @@ same positions as the same text alone, in sampling and in scoring alike.
 """
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, final, runtime_checkable
@@ -113,7 +113,8 @@ class Policy(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.model.eval()
-        hidden = model.get_input_embeddings().embedding_dim
+        embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
+        hidden = int(embeddings.embedding_dim)
         self.value_head: nn.Linear | None = None
         if value_head:
             param = next(model.parameters())
@@ -282,6 +283,11 @@ class Policy(nn.Module):
         tokens, logprobs, real = [], [], []
         for _ in range(max_new_tokens):
             scaled = out.logits[:, -1].float() / temperature
+            if not bool(torch.isfinite(scaled).all()):
+                raise FloatingPointError(
+                    "the policy produced NaN/inf logits while sampling: its weights are "
+                    "probably corrupted (a learning rate too high, or a non-finite update)"
+                )
             log_p = torch.log_softmax(scaled, dim=-1)
             token = _draw(log_p, top_k, top_p, generator)
             real.append(~done)
@@ -430,8 +436,9 @@ class AdapterOffReference:
             )
         self.policy = policy
 
-    def _adapter_off(self) -> Iterator[None]:
-        return self.policy.model.disable_adapter()  # type: ignore[no-any-return]
+    def _adapter_off(self) -> AbstractContextManager[None]:
+        model: Any = self.policy.model
+        return model.disable_adapter()
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:

@@ -6,8 +6,11 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+import kltune.functional as KF
 from strategies import (
     assert_bad_input,
+    fewer_examples,
     fill_padding,
     garbage,
     pad_right,
@@ -15,8 +18,6 @@ from strategies import (
     shapes,
     tensors,
 )
-
-import kltune.functional as KF
 
 discounts = st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0])
 
@@ -173,7 +174,7 @@ def test_grpo_matches_loop_oracle(sg, scale):
     )
 
 
-# --------------------------------------------------------------------------- GAE / returns properties
+# ------------------------------------------------------------------- GAE / returns properties
 
 
 @given(episodes())
@@ -213,6 +214,7 @@ def test_gae_with_lambda_one_returns_are_the_discounted_reward_to_go(episode, ga
     torch.testing.assert_close(ret, KF.reward_to_go(rewards, mask, gamma=gamma))
 
 
+@fewer_examples(2)
 @given(episodes(), discounts, discounts, st.data())
 def test_advantage_padding_values_never_change_results_and_get_zero_gradient(
     episode, gamma, lam, data
@@ -235,6 +237,7 @@ def test_advantage_padding_values_never_change_results_and_get_zero_gradient(
         assert bool(grad.isfinite().all())
 
 
+@fewer_examples(2)
 @given(episodes(), discounts, discounts, st.integers(1, 4))
 def test_advantages_appending_padding_leaves_results_unchanged(episode, gamma, lam, extra):
     # Extra masked columns leave advantages, returns and reward-to-go unchanged; they hold 0.
@@ -255,6 +258,7 @@ def test_advantages_appending_padding_leaves_results_unchanged(episode, gamma, l
         assert torch.equal(got[:, t:], torch.zeros_like(got[:, t:]))
 
 
+@fewer_examples(2)
 @given(episodes(), discounts, discounts, st.randoms(use_true_random=False))
 def test_advantages_batch_permutation_permutes_rows(episode, gamma, lam, rnd):
     # Shuffling episodes shuffles their advantages and returns the same way.
@@ -271,6 +275,7 @@ def test_advantages_batch_permutation_permutes_rows(episode, gamma, lam, rnd):
     )
 
 
+@fewer_examples(2)
 @given(episodes(), st.floats(-3.0, 3.0))
 def test_gae_constant_reward_bonus_adds_it_once_per_remaining_token(episode, c):
     # γ = λ = 1: adding c to every reward adds c·(real tokens from t to the end) to A_t.
@@ -319,6 +324,7 @@ def test_grpo_advantages_have_unit_std_per_group_when_spread(sg):
     torch.testing.assert_close(std, torch.ones_like(std))
 
 
+@fewer_examples(2)
 @given(grouped_scores(), st.data())
 def test_group_advantages_ignore_a_per_group_offset(sg, data):
     # Adding a constant to every score of a group (a prompt's difficulty) changes no advantage.
@@ -331,6 +337,7 @@ def test_group_advantages_ignore_a_per_group_offset(sg, data):
     )
 
 
+@fewer_examples(2)
 @given(grouped_scores(), st.randoms(use_true_random=False))
 def test_group_advantages_permute_with_groups_and_within_groups(sg, rnd):
     # Reordering prompts, or completions within a prompt, reorders the advantages the same way.

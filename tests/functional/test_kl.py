@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+import kltune.functional as KF
 from strategies import (
     assert_bad_input,
     fewer_examples,
@@ -19,8 +21,6 @@ from strategies import (
     shapes,
     tensors,
 )
-
-import kltune.functional as KF
 
 ESTIMATORS = [KF.kl_k1, KF.kl_k2, KF.kl_k3, KF.kl_k3_st]
 LN2 = math.log(2.0)
@@ -193,6 +193,7 @@ def test_k3_st_has_k3_value_and_k2_gradient(pair):
         torch.testing.assert_close(got, want)
 
 
+@fewer_examples(2)
 @given(logits_pair(far=False), st.sampled_from([1.0, 0.5]))
 def test_k1_and_k3_average_to_the_exact_kl_over_the_vocabulary(zz, temperature):
     # Unbiasedness, exactly: Σ_v π(v)·k(v) = KL(π‖π_ref) for k1 and k3 (not for k2).
@@ -323,6 +324,7 @@ def test_shaped_rewards_appending_padding_leaves_rewards_unchanged(inputs, extra
     assert torch.equal(rewards[:, t:], torch.zeros_like(rewards[:, t:]))
 
 
+@fewer_examples(2)
 @given(shaped_reward_inputs(), st.randoms(use_true_random=False))
 def test_shaped_rewards_batch_permutation_permutes_rows(inputs, rnd):
     # Shuffling completions (scores, kl and mask together) shuffles the rewards' rows.

@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+import kltune.functional as KF
 from strategies import (
     assert_bad_input,
     fewer_examples,
@@ -15,8 +17,6 @@ from strategies import (
     right_padded_masks,
     shapes,
 )
-
-import kltune.functional as KF
 
 CHUNKS = [1, 2, 10_000]
 temperatures = st.sampled_from([1.0, 0.5, 0.7, 2.0, 3.0])
@@ -106,6 +106,7 @@ def test_logprobs_and_entropy_compute_in_at_least_float32():
 # --------------------------------------------------------------------------- oracles vs code
 
 
+@fewer_examples(2)
 @given(logits_and_tokens(), temperatures, st.sampled_from(CHUNKS))
 def test_logprobs_match_loop_oracle(zt, temperature, chunk):
     # Vectorised chunked logprobs agree with a per-position Python loop (float64 in and out).
@@ -114,6 +115,7 @@ def test_logprobs_match_loop_oracle(zt, temperature, chunk):
     torch.testing.assert_close(got, loop_logprobs(z, tokens, temperature))
 
 
+@fewer_examples(2)
 @given(shapes().flatmap(logits), temperatures)
 def test_entropy_matches_loop_oracle(z, temperature):
     # Entropy agrees with −Σ p log p computed in a Python loop.
@@ -122,6 +124,7 @@ def test_entropy_matches_loop_oracle(z, temperature):
         torch.testing.assert_close(got, loop_entropy(z, temperature))
 
 
+@fewer_examples(2)
 @given(logits_and_tokens(), temperatures, st.sampled_from(CHUNKS))
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_logprobs_equal_log_softmax_gather_for_any_chunk_size(in_dtype, zt, temperature, chunk):
@@ -142,6 +145,7 @@ def test_logprobs_equal_log_softmax_gather_for_any_chunk_size(in_dtype, zt, temp
 # --------------------------------------------------------------------------- properties
 
 
+@fewer_examples(2)
 @given(shapes().flatmap(logits), temperatures)
 def test_logprobs_of_every_token_exponentiate_to_a_distribution(z, temperature):
     # For each position, exp(logprob) over the whole vocabulary sums to 1 and each logprob ≤ 0.
@@ -155,6 +159,7 @@ def test_logprobs_of_every_token_exponentiate_to_a_distribution(z, temperature):
     torch.testing.assert_close(total, torch.ones(b, t, dtype=torch.float64))
 
 
+@fewer_examples(2)
 @given(shapes().flatmap(logits), temperatures)
 def test_entropy_equals_minus_sum_p_log_p_and_lies_in_0_to_log_v(z, temperature):
     # H = −Σ p log p with p from logprobs_from_logits, and 0 ≤ H ≤ log V.
@@ -169,6 +174,7 @@ def test_entropy_equals_minus_sum_p_log_p_and_lies_in_0_to_log_v(z, temperature)
     assert bool((h <= math.log(v) + 1e-12).all())
 
 
+@fewer_examples(2)
 @given(logits_and_tokens(), temperatures)
 def test_temperature_divides_the_logits(zt, temperature):
     # τ is honoured: f(logits, τ) equals f(logits / τ, 1) for logprobs and entropy.
@@ -182,6 +188,7 @@ def test_temperature_divides_the_logits(zt, temperature):
     )
 
 
+@fewer_examples(2)
 @given(logits_and_tokens(), st.floats(-50.0, 50.0))
 def test_adding_a_constant_to_the_logits_changes_nothing(zt, shift):
     # softmax is shift-invariant: logits + c give the same logprobs and entropy.
@@ -192,6 +199,7 @@ def test_adding_a_constant_to_the_logits_changes_nothing(zt, shift):
     torch.testing.assert_close(KF.entropy_from_logits(z + shift), KF.entropy_from_logits(z))
 
 
+@fewer_examples(2)
 @given(logits_and_tokens(), st.randoms(use_true_random=False))
 def test_logprobs_batch_permutation_permutes_rows(zt, rnd):
     # Shuffling the batch shuffles the per-token outputs the same way.

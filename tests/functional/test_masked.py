@@ -4,11 +4,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
+
+import kltune.functional as KF
 from strategies import (
     any_masks,
     assert_bad_input,
+    fewer_examples,
     fill_padding,
     garbage,
     pad_right,
@@ -16,8 +19,6 @@ from strategies import (
     shapes,
     tensors,
 )
-
-import kltune.functional as KF
 
 # --------------------------------------------------------------------------- oracles
 
@@ -159,6 +160,7 @@ def test_masked_whiten_matches_loop_oracle(xm, shift_mean):
 # --------------------------------------------------------------------------- properties
 
 
+@fewer_examples(2)
 @given(st.data())
 def test_masked_values_at_padding_never_change_results_and_get_zero_gradient(data):
     # Any value under the mask, NaN and inf included, leaves every result and gradient alone.
@@ -189,6 +191,7 @@ def test_masked_values_at_padding_never_change_results_and_get_zero_gradient(dat
         torch.testing.assert_close(g_dirty[mask], g_clean[mask])
 
 
+@fewer_examples(2)
 @given(values_and_mask(right_padded=True), st.integers(1, 4))
 def test_masked_appending_padding_leaves_results_unchanged(xm, extra):
     # Extra masked columns change no reduction, and whitening is unchanged on the old columns.
@@ -203,6 +206,7 @@ def test_masked_appending_padding_leaves_results_unchanged(xm, extra):
     assert torch.equal(whitened[:, x.shape[1] :], torch.zeros_like(whitened[:, x.shape[1] :]))
 
 
+@fewer_examples(2)
 @given(values_and_mask(), st.randoms(use_true_random=False))
 def test_masked_batch_permutation_permutes_rows_and_leaves_means_alone(xm, rnd):
     # Shuffling rows shuffles per-row results and leaves batch statistics unchanged.
@@ -258,6 +262,7 @@ def test_masked_mean_of_a_fully_masked_row_is_zero_and_ignored_by_the_batch_mean
     torch.testing.assert_close(KF.masked_mean(x, mask), KF.masked_mean(x[kept], mask[kept]))
 
 
+@fewer_examples(2)
 @given(values_and_mask(), st.floats(0.1, 10.0), st.floats(-5.0, 5.0))
 def test_masked_whiten_is_invariant_to_affine_maps(xm, scale, shift):
     # Whitening a·x + b (a > 0) gives the same result as whitening x.

@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+import kltune.functional as KF
 from strategies import (
     Rollout,
     assert_bad_input,
@@ -18,8 +20,6 @@ from strategies import (
     shapes,
     tensors,
 )
-
-import kltune.functional as KF
 
 clip_eps_values = st.sampled_from([0.1, 0.2, 0.3])
 AGGREGATORS = [KF.token_mean, KF.sequence_mean, KF.token_sum]
@@ -211,6 +211,7 @@ def test_aggregators_match_loop_oracle(ro):
     assert KF.token_sum(loss, mask).item() == pytest.approx(loop_token_sum(loss, mask))
 
 
+@fewer_examples(2)
 @given(rollouts(), clip_eps_values)
 def test_logged_statistics_match_loop_oracle(ro, eps):
     # approx_kl, clip_fraction and explained_variance agree with Python loops.
@@ -320,6 +321,7 @@ def test_clipped_value_loss_is_plain_when_values_stay_within_eps(ro, eps):
 # --------------------------------------------------------------------------- aggregation
 
 
+@fewer_examples(2)
 @given(rollouts(), st.data())
 def test_aggregators_ignore_padding_values_and_give_them_zero_gradient(ro, data):
     # NaN, inf or anything in the loss under the mask changes no aggregate and gets no gradient.
@@ -398,6 +400,7 @@ def test_batch_permutation_leaves_losses_and_statistics_alone(ro, rnd, aggregate
     )
 
 
+@fewer_examples(2)
 @given(rollouts())
 def test_aggregators_relate_as_documented(ro):
     # token_sum = token_mean · (real tokens / B); sequence_mean = token_mean for equal lengths.
@@ -408,6 +411,7 @@ def test_aggregators_relate_as_documented(ro):
     torch.testing.assert_close(KF.sequence_mean(loss, equal), KF.token_mean(loss, equal))
 
 
+@fewer_examples(2)
 @given(rollouts(min_b=2))
 def test_token_sum_and_sequence_mean_do_not_depend_on_the_minibatch_split(ro):
     # Averaging the two equal halves' losses gives the whole batch's loss.
@@ -431,6 +435,7 @@ def test_approx_kl_is_nonnegative_and_clip_fraction_a_fraction(ro, eps):
     assert frac * ro.mask.sum().item() == pytest.approx(round(frac * ro.mask.sum().item()))
 
 
+@fewer_examples(2)
 @given(rollouts())
 def test_approx_kl_and_clip_fraction_are_zero_when_nothing_moved(ro):
     # With π = π_old the update moved nothing: approx_kl = 0 and nothing is clipped.
@@ -439,6 +444,7 @@ def test_approx_kl_and_clip_fraction_are_zero_when_nothing_moved(ro):
     assert KF.clip_fraction(ro.logprobs, same, ro.mask).item() == 0.0
 
 
+@fewer_examples(2)
 @given(rollouts(), st.floats(-3.0, 3.0))
 def test_explained_variance_is_one_for_perfect_values(ro, shift):
     # Values equal to the returns, or off by one constant, explain all their variance;
@@ -454,6 +460,7 @@ def test_explained_variance_is_one_for_perfect_values(ro, shift):
     assert constant.item() == pytest.approx(0.0, abs=1e-9)
 
 
+@fewer_examples(2)
 @given(rollouts(), st.data())
 def test_logged_statistics_ignore_padding_values_and_are_detached(ro, data):
     # NaN or inf under the mask changes no statistic, and none of them carries a gradient.
@@ -606,6 +613,7 @@ def test_aggregators_reject_batches_without_tokens():
     )
 
 
+@fewer_examples(2)
 @given(st.data())
 def test_sequence_mean_rejects_any_empty_row(data):
     # Whatever the batch, one row without a real token makes sequence_mean raise.

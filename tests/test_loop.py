@@ -1,0 +1,174 @@
+"""The reference loop on a tiny random causal LM: stages, placements, baselines, faults."""
+
+import copy
+
+import pytest
+import torch
+
+import kltune
+from helpers import tiny_blocks
+from kltune import functional as KF
+from kltune.loop import (
+    NonFiniteLossError,
+    collect_rollout,
+    compute_scores,
+    estimate_advantages,
+    score_reference,
+    shape_with_kl,
+)
+
+PROMPTS = ["The movie", "A film about", "I think"]
+SAMPLING = kltune.Sampling(max_new_tokens=6, completions_per_prompt=2)
+
+
+def _iterate(blocks, state, n=2, optimisation=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    metrics = []
+    for _ in range(n):
+        state, rollout, m = kltune.ppo_iteration(
+            PROMPTS, blocks, state, SAMPLING, optimisation or kltune.Optimisation(), generator
+        )
+        metrics.append(m)
+    return state, rollout, metrics
+
+
+def test_smoke_two_iterations_train_the_policy_and_not_the_reference() -> None:
+    # The smoke test of STYLE.md: finite loss, policy changed, reference unchanged, KL >= 0.
+    blocks, state = tiny_blocks()
+    policy_before = copy.deepcopy(blocks.policy.model.state_dict())
+    reference_before = copy.deepcopy(blocks.reference.model.state_dict())  # type: ignore[attr-defined]
+    state, _, metrics = _iterate(blocks, state)
+    assert state.iteration == 2
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics)
+    changed = [
+        not torch.equal(v, blocks.policy.model.state_dict()[k]) for k, v in policy_before.items()
+    ]
+    assert any(changed)
+    for key, value in reference_before.items():
+        assert torch.equal(value, blocks.reference.model.state_dict()[key])  # type: ignore[attr-defined]
+    assert all(m["kl/mean"] >= 0 for m in metrics)
+    assert metrics[0]["kl/mean"] < 1e-6  # the first rollout comes from pi_ref itself
+
+
+def test_stages_fill_the_rollout_in_order() -> None:
+    blocks, state = tiny_blocks()
+    generator = torch.Generator().manual_seed(0)
+    rollout = collect_rollout(blocks.policy, PROMPTS, SAMPLING, generator)
+    assert rollout.ref_logprobs is None and rollout.scores is None
+    rollout = score_reference(blocks.reference, rollout)
+    # before any update the policy is the reference: identical logprobs
+    assert torch.allclose(rollout.ref_logprobs, rollout.old_logprobs, atol=1e-5)  # type: ignore[arg-type]
+    rollout = compute_scores(blocks.reward_fn, rollout)
+    rollout, kl = shape_with_kl(rollout, blocks.objective.kl, beta=0.5)
+    expected = KF.shaped_rewards(rollout.scores, kl, rollout.response_mask, 0.5)  # type: ignore[arg-type]
+    assert torch.equal(rollout.rewards, expected)  # type: ignore[arg-type]
+    rollout = estimate_advantages(state.baseline, rollout)
+    assert rollout.advantages is not None and rollout.returns is not None
+
+
+def test_kl_in_the_loss_leaves_rewards_unpenalised_and_adds_a_loss_term() -> None:
+    kl = kltune.KLPenalty(estimator=KF.kl_k3_st, in_loss=True)
+    blocks, state = tiny_blocks(kl=kl, controller=kltune.FixedKLController(beta=1.0))
+    generator = torch.Generator().manual_seed(0)
+    rollout = collect_rollout(blocks.policy, PROMPTS, SAMPLING, generator)
+    rollout = compute_scores(blocks.reward_fn, score_reference(blocks.reference, rollout))
+    shaped, _ = shape_with_kl(rollout, kl, beta=1.0)
+    assert torch.allclose(shaped.rewards.sum(-1), rollout.scores)  # type: ignore[union-attr]
+    _, _, metrics = _iterate(blocks, state, n=2)
+    assert "kl/loss_term" in metrics[-1]
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [
+        kltune.MeanBaseline(),
+        kltune.EMABaseline(),
+        kltune.LeaveOneOutBaseline(),
+        kltune.GroupNormBaseline(),
+        kltune.GAEBaseline(),
+    ],
+    ids=lambda b: type(b).__name__,
+)
+def test_every_baseline_runs_in_the_loop(baseline: kltune.Baseline) -> None:
+    value_head = isinstance(baseline, kltune.GAEBaseline)
+    blocks, state = tiny_blocks(baseline=baseline, value_head=value_head)
+    state, _, metrics = _iterate(blocks, state)
+    assert all(m["policy/skipped_steps"] == 0 for m in metrics)
+    if value_head:
+        assert "value/loss" in metrics[-1]
+        assert blocks.policy.value_head is not None
+        assert blocks.policy.value_head.weight.abs().sum() > 0  # trained away from zero init
+
+
+def test_learned_prompt_baseline_is_fitted_by_the_loop() -> None:
+    blocks, state = tiny_blocks()
+    value = kltune.PromptValueBaseline(vocab_size=len(blocks.policy.tokenizer), dim=8)
+    fit = kltune.ValueFit(value, torch.optim.Adam(value.parameters(), lr=0.1), steps=2)
+    blocks = kltune.Blocks(**{**blocks.__dict__, "value_fit": fit})
+    state = kltune.LoopState(controller=state.controller, baseline=value)
+    _, _, metrics = _iterate(blocks, state)
+    assert "baseline/loss" in metrics[-1]
+    assert value.head.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("estimator", [KF.kl_k1, KF.kl_k2, KF.kl_k3])
+def test_every_estimator_in_the_reward(estimator) -> None:
+    blocks, state = tiny_blocks(kl=kltune.KLPenalty(estimator=estimator))
+    _, _, metrics = _iterate(blocks, state)
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics)
+
+
+def test_gradient_accumulation_matches_one_big_step_for_sequence_sums() -> None:
+    # With token_sum aggregation, 2 micro-batches of 3 give the gradient of one batch of 6.
+    grads = []
+    for steps in (1, 2):
+        blocks, state = tiny_blocks()
+        objective = kltune.PPOObjective(aggregate=KF.token_sum)
+        blocks = kltune.Blocks(**{**blocks.__dict__, "objective": objective})
+        generator = torch.Generator().manual_seed(0)
+        rollout = collect_rollout(blocks.policy, PROMPTS, SAMPLING, generator)
+        rollout = compute_scores(blocks.reward_fn, score_reference(blocks.reference, rollout))
+        rollout, _ = shape_with_kl(rollout, objective.kl, 0.1)
+        rollout = estimate_advantages(state.baseline, rollout)
+        from kltune.loop import _accumulate_gradients
+
+        _accumulate_gradients(
+            blocks, rollout, 0.1, kltune.Optimisation(grad_accumulation_steps=steps)
+        )
+        grads.append(
+            torch.cat([p.grad.flatten() for p in blocks.policy.parameters() if p.grad is not None])
+        )
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_cause(monkeypatch) -> None:
+    # A NaN loss never reaches the weights; K skips in a row stop the run with a reason.
+    blocks, state = tiny_blocks()
+    score = blocks.policy.score
+
+    def nan_score(rollout, **kwargs):
+        out = score(rollout, **kwargs)
+        return kltune.PolicyOutput(out.logprobs * float("nan"), out.entropy, out.values)
+
+    monkeypatch.setattr(blocks.policy, "score", nan_score)
+    before = copy.deepcopy(blocks.policy.model.state_dict())
+    with pytest.raises(NonFiniteLossError, match="learning rate"):
+        _iterate(blocks, state, n=4, optimisation=kltune.Optimisation(max_consecutive_skips=2))
+    for key, value in before.items():
+        assert torch.equal(value, blocks.policy.model.state_dict()[key])
+
+
+def test_one_non_finite_step_is_counted_and_skipped(monkeypatch) -> None:
+    blocks, state = tiny_blocks()
+    score = blocks.policy.score
+    calls = {"n": 0}
+
+    def sometimes_nan(rollout, **kwargs):
+        out = score(rollout, **kwargs)
+        calls["n"] += 1
+        scale = float("nan") if calls["n"] == 1 else 1.0
+        return kltune.PolicyOutput(out.logprobs * scale, out.entropy, out.values)
+
+    monkeypatch.setattr(blocks.policy, "score", sometimes_nan)
+    state, _, metrics = _iterate(blocks, state, n=2)
+    assert metrics[-1]["policy/skipped_steps"] == 1 and state.consecutive_skips == 0
