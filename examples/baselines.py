@@ -5,7 +5,7 @@ baseline that turns scores into advantages changes. Logged per iteration:
 advantage variance, gradient norm, and reward; the summary adds the variance
 of the gradient norm over iterations and the reward after N iterations.
 
-    python examples/baselines.py --iterations 10 --seeds 0 1 2 --out runs/baselines
+    python examples/baselines.py --iterations 8 --seeds 0 1 2 --out runs/baselines
     python examples/baselines.py --smoke --out runs/smoke/baselines
 """
 
@@ -16,7 +16,7 @@ from experiment import Arm, parse_args, run_arm, selected
 import kltune
 from kltune.plots import plot_runs, read_metrics, summary_table
 
-args = parse_args(__doc__, iterations=10, seeds=[0, 1, 2], out="runs/baselines")
+args = parse_args(__doc__, iterations=8, seeds=[0, 1, 2], out="runs/baselines")
 
 
 def fixed_kl() -> kltune.KLController:

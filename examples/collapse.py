@@ -20,7 +20,8 @@ arms = [
     Arm(name="beta=0", controller=lambda: kltune.FixedKLController(beta=0.0)),
     Arm(
         name="adaptive KL",
-        controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=100),
+        # horizon 16 = one batch: beta may move 20% per iteration, fast enough for 20 iterations
+        controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=16),
     ),
     Arm(
         name="KL constraint",

@@ -172,3 +172,17 @@ def test_one_non_finite_step_is_counted_and_skipped(monkeypatch) -> None:
     monkeypatch.setattr(blocks.policy, "score", sometimes_nan)
     state, _, metrics = _iterate(blocks, state, n=2)
     assert metrics[-1]["policy/skipped_steps"] == 1 and state.consecutive_skips == 0
+
+
+def test_health_warnings_name_the_likely_cause() -> None:
+    from kltune.loop import TrainingHealthWarning, warn_if_unhealthy
+
+    with pytest.warns(TrainingHealthWarning, match="learning rate"):
+        warn_if_unhealthy({"policy/approx_kl": 0.9, "policy/clipfrac": 0.1, "kl/mean": 1.0})
+    with pytest.warns(TrainingHealthWarning, match="negative"):
+        warn_if_unhealthy({"policy/approx_kl": 0.0, "policy/clipfrac": 0.0, "kl/mean": -1.0})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_unhealthy({"policy/approx_kl": 0.01, "policy/clipfrac": 0.1, "kl/mean": 0.5})

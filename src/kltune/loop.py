@@ -7,6 +7,7 @@ returns a new Rollout (or metrics), nothing hidden in between.
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, final, runtime_checkable
@@ -239,6 +240,7 @@ def ppo_iteration(
     metrics = rollout_metrics(rollout, kl_tokens, beta) | _mean_metrics(history)
     if blocks.value_fit is not None:
         metrics |= fit_value_baseline(blocks.value_fit, rollout)
+    warn_if_unhealthy(metrics)
     controller = update_controller(state.controller, kl_tokens, rollout)
     state = _replace(
         state,
@@ -248,6 +250,51 @@ def ppo_iteration(
     )
     metrics |= {"iteration": float(state.iteration), "policy/skipped_steps": state.total_skips}
     return state, rollout, metrics
+
+
+class TrainingHealthWarning(RuntimeWarning):
+    """A metric outside the range where PPO behaves (see :func:`warn_if_unhealthy`)."""
+
+
+#: Bounds past which :func:`warn_if_unhealthy` warns.
+MAX_APPROX_KL = 0.5
+MAX_CLIPFRAC = 0.5
+
+
+def warn_if_unhealthy(metrics: Metrics) -> None:
+    """Warn when one update moved the policy too far, or when the KL estimate is negative.
+
+    - ``policy/approx_kl`` > 0.5 nats or ``policy/clipfrac`` > 0.5: the optimiser
+      moves the policy much further per step than the clipped objective can
+      correct; the usual cause is a learning rate too high (or too many epochs).
+    - ``kl/mean`` below −0.05 nats per completion (beyond estimator noise): the
+      per-token estimate is negative on average, which the true KL never is. With
+      k1 it means the sampled tokens are more likely under π_ref than under π —
+      a sign that sampling and scoring disagree (temperature, top-k/top-p, or
+      generation settings that change the distribution); with the KL in the
+      reward, a negative KL is paid out as a *bonus*, the classic failure.
+      k3 is never negative and avoids it.
+    """
+    approx_kl = metrics.get("policy/approx_kl", 0.0)
+    clipfrac = metrics.get("policy/clipfrac", 0.0)
+    if approx_kl > MAX_APPROX_KL or clipfrac > MAX_CLIPFRAC:
+        warnings.warn(
+            f"large policy update: approx KL(old‖new) = {approx_kl:.3f} nats per token, "
+            f"clip fraction = {clipfrac:.2f}. The learning rate is probably too high "
+            "(or there are too many PPO epochs): lower it.",
+            TrainingHealthWarning,
+            stacklevel=2,
+        )
+    if metrics.get("kl/mean", 0.0) < -0.05:
+        warnings.warn(
+            f"the KL estimate to the reference is negative ({metrics['kl/mean']:.3f} nats per "
+            "completion). The true KL is never negative: sampling and scoring probably use "
+            "different distributions (temperature, top-k/top-p), and with the KL in the "
+            "reward the policy is being paid to move away. Use kl_k3 (never negative) and "
+            "sample with the temperature used for scoring.",
+            TrainingHealthWarning,
+            stacklevel=2,
+        )
 
 
 # ── helpers ─────────────────────────────────────────────────────────────────
