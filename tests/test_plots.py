@@ -126,7 +126,7 @@ def test_figure_has_one_labelled_axes_per_key(runs: dict[str, list[Path]]) -> No
     assert len(figure.axes) == len(DEFAULT_KEYS) == 5
     assert [ax.get_title() for ax in figure.axes] == [
         "mean reward",
-        "KL(π‖π_ref) per token",
+        "KL(π‖π_ref) per completion (nats)",
         "KL coefficient β",
         "token entropy (nats)",
         "distinct-2",
@@ -207,7 +207,7 @@ def test_summary_table_by_hand(runs: dict[str, list[Path]]) -> None:
     #   values 0.6 and 0.3 -> 0.45; mean 0.3 ± stdev 0.212
     # adaptive KL (one seed): reward 0.25, KL 0.25, distinct-2 never logged.
     assert table.splitlines() == [
-        "| arm | seeds | mean reward | KL(π‖π_ref) per token | distinct-2 |",
+        "| arm | seeds | mean reward | KL(π‖π_ref) per completion (nats) | distinct-2 |",
         "| --- | ---: | ---: | ---: | ---: |",
         "| β = 0 | 2 | 0.45 ± 0.071 | 4 ± 1.4 | 0.3 ± 0.21 |",
         "| adaptive KL | 1 | 0.25 | 0.25 | – |",

@@ -6,14 +6,14 @@ on its own line::
 
     controller = controller.update(observed_kl, n_samples)
 
-==============================  ==========================================================
+=============================== ==========================================================
 controller                      update of β after observing the KL
-==============================  ==========================================================
+=============================== ==========================================================
 :class:`FixedKLController`      none
 :class:`AdaptiveKLController`   proportional, multiplicative, toward a target KL (Ziegler
                                 et al. 2019)
 :class:`ConstraintKLController` dual ascent: β is the Lagrange multiplier of KL ≤ target
-==============================  ==========================================================
+=============================== ==========================================================
 
 State is plain data: ``state_dict()`` gives numbers and a ``"kind"`` string, and
 :func:`controller_from_state` rebuilds the controller. :class:`KLPenalty` says

@@ -302,7 +302,7 @@ def summary_table(
         last_k: how many final iterations to average per seed, >= 1.
 
     Returns:
-        The table: a header row, an alignment row, one row per arm; lines
+        The table, as a header row, an alignment row and one row per arm; lines
         joined by newlines, no trailing newline.
 
     Raises:

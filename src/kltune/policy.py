@@ -164,6 +164,7 @@ class Policy(nn.Module):
         """
         _check_prompts(prompts)
         start = self.tokenizer.bos_token_id
+        start = self.tokenizer.eos_token_id if start is None else start
         start = self.pad_token_id if start is None else int(start)
         rows = [list(self.tokenizer(p).input_ids) or [start] for p in prompts]
         limit = self.context_length
@@ -340,7 +341,7 @@ class Policy(nn.Module):
             )
         logits = out.logits
         logprobs = KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
-        entropy_logits = logits if entropy_with_grad else logits.detach()
+        entropy_logits = logits
         entropy = KF.entropy_from_logits(entropy_logits, rollout.temperature)
         values = None
         if self.value_head is not None:

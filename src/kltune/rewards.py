@@ -4,14 +4,14 @@ A reward function is anything that fits :class:`RewardFn`: it takes the prompts
 and the completions (strings, aligned) and returns one float per completion. A
 plain Python function fits; so do the shipped classes:
 
-=========================  =================================================================
+========================== =================================================================
 reward                     score of a completion
-=========================  =================================================================
+========================== =================================================================
 :class:`VaderSentiment`    VADER compound sentiment in [−1, 1] (lexicon, offline, the default)
 :class:`ClassifierReward`  a Hugging Face sequence classifier, with its own tokenizer
 :class:`LengthReward`      word count, or closeness to a target word count
 :class:`RepetitionPenalty` minus the fraction of repeated word n-grams
-=========================  =================================================================
+========================== =================================================================
 
 Combinators take reward functions and return one, as optax's ``chain`` does:
 :func:`weighted_sum` and :func:`clipped`. The loop calls every reward function

@@ -84,6 +84,8 @@ class Rollout:
         length = self.response_ids.shape[-1]
         if batch == 0:
             raise ValueError("a Rollout needs at least one completion (got an empty batch)")
+        if length == 0:
+            raise ValueError("a Rollout needs at least one response token per row (got T = 0)")
         _check("prompt_ids", self.prompt_ids, (batch, prompt_len), "int")
         _check("prompt_mask", self.prompt_mask, (batch, prompt_len), "bool")
         _check("response_ids", self.response_ids, (batch, length), "int")
@@ -112,7 +114,17 @@ class Rollout:
         return dataclasses.replace(self, **changes)
 
     def select(self, index: Int[Tensor, " N"] | slice) -> "Rollout":
-        """The rows at ``index`` (a slice or a 1-D index tensor), as a new Rollout."""
+        """The rows at ``index`` (a slice or a 1-D integer index tensor), as a new Rollout.
+
+        Raises:
+            ValueError: ``index`` is a boolean mask or a float tensor (a bool mask's
+                ``tolist()`` would silently select rows 0 and 1).
+        """
+        if isinstance(index, Tensor) and (index.is_floating_point() or index.dtype == torch.bool):
+            raise ValueError(
+                f"select needs a slice or an integer index tensor, got dtype {index.dtype}; "
+                "for a boolean mask pass mask.nonzero().squeeze(-1)"
+            )
         rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
         take = torch.as_tensor(list(rows), dtype=torch.long, device=self.prompt_ids.device)
         changes: dict[str, Any] = {}
@@ -230,6 +242,7 @@ class RolloutBuffer:
                 divisor of its size (unequal minibatches would weigh rows unequally);
                 ``epochs`` < 1.
         """
+        # Checked here, not inside the generator, so that a bad size fails at the call.
         size = len(self)
         if minibatch_size < 1 or minibatch_size > size:
             raise ValueError(
@@ -242,7 +255,12 @@ class RolloutBuffer:
             )
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        return self._minibatches(minibatch_size, epochs, generator)
+
+    def _minibatches(
+        self, minibatch_size: int, epochs: int, generator: torch.Generator | None
+    ) -> Iterator[Rollout]:
         for _ in range(epochs):
-            order = torch.randperm(size, generator=generator)
-            for start in range(0, size, minibatch_size):
+            order = torch.randperm(len(self), generator=generator)
+            for start in range(0, len(self), minibatch_size):
                 yield self.rollout.select(order[start : start + minibatch_size])

@@ -107,7 +107,7 @@ def kl_k3(
     by token, with lower variance than k1: the best estimator for the **reward**
     and for logging. As a loss term it is biased: its expected gradient
     :math:`\mathbb{E}_\pi[(1 - \pi_\text{ref}/\pi)\nabla\log\pi]` is the gradient
-    of the *forward* KL(π_ref ‖ π). Use :func:`kl_k3_straight_through` or
+    of the *forward* KL(π_ref ‖ π). Use :func:`kl_k3_st` or
     :func:`kl_k2` in the loss.
 
     Notes:
