@@ -32,10 +32,18 @@ print(json.dumps({"reference": kind, "policy_param_MB": before / 2**20, "referen
 
 rows = []
 for kind in ("copy", "lora"):
-    out = subprocess.run([sys.executable, "-c", CHILD, kind], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind], capture_output=True, text=True, check=True
+    )
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 print("| reference | policy params (MB) | extra params for π_ref (MB) | peak RSS (MB) |")
 print("| --- | ---: | ---: | ---: |")
 for r in rows:
-    name = "FrozenReference (deep copy)" if r["reference"] == "copy" else "AdapterOffReference (LoRA r=16 off)"
-    print(f"| {name} | {r['policy_param_MB']:.0f} | {r['reference_extra_param_MB']:.0f} | {r['peak_rss_MB']:.0f} |")
+    name = (
+        "FrozenReference (deep copy)"
+        if r["reference"] == "copy"
+        else "AdapterOffReference (LoRA r=16 off)"
+    )
+    print(
+        f"| {name} | {r['policy_param_MB']:.0f} | {r['reference_extra_param_MB']:.0f} | {r['peak_rss_MB']:.0f} |"
+    )

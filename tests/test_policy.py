@@ -23,7 +23,9 @@ PROMPTS = ["The movie was", "hi", "A much longer prompt, about films and acting,
 PEAKED = {"gpt2": 10.0, "llama": 30.0}
 EOS_BIAS = 2.5  # p(EOS) ~ 5% a step: some completions end, some are truncated
 
-LORA_WARNING = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"  # peft 0.21 / transformers 5
+LORA_WARNING = (
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"  # peft 0.21 / transformers 5
+)
 
 
 def _policy(
@@ -153,7 +155,9 @@ def test_without_a_pad_token_eos_pads() -> None:
     head.bias = nn.Parameter(bias)
     policy = Policy(model, tokenizer)
     assert policy.pad_token_id == tokenizer.eos_token_id
-    r = policy.rollout(["a", "bbbbbb"], max_new_tokens=10, completions_per_prompt=4, generator=_gen())
+    r = policy.rollout(
+        ["a", "bbbbbb"], max_new_tokens=10, completions_per_prompt=4, generator=_gen()
+    )
     assert bool((r.prompt_ids[~r.prompt_mask] == tokenizer.eos_token_id).all())
     assert bool((r.response_ids[~r.response_mask] == tokenizer.eos_token_id).all())
     assert bool((~r.response_mask).any())
@@ -238,7 +242,9 @@ def test_logprobs_alone_equal_logprobs_inside_a_left_padded_batch(arch: str) -> 
     assert bool((~batch.prompt_mask[rows]).any())  # "hi" is left padded in the batch
     scored_alone = policy.score(alone).logprobs
     scored_batch = policy.score(batch).logprobs[rows]
-    gap = _max_gap(scored_batch[:, : alone.response_ids.shape[1]], scored_alone, alone.response_mask)
+    gap = _max_gap(
+        scored_batch[:, : alone.response_ids.shape[1]], scored_alone, alone.response_mask
+    )
     print(f"{arch}: max |Δ logprob| alone vs in a padded batch = {gap:.2e}")
     assert gap < ATOL
     assert _max_gap(scored_alone, alone.old_logprobs, alone.response_mask) < ATOL
@@ -279,7 +285,9 @@ def test_sampling_logprobs_equal_score_logprobs(arch: str, temperature: float) -
 @pytest.mark.parametrize("arch", ARCHS)
 def test_score_matches_a_per_token_loop_without_padding(arch: str) -> None:
     policy = _policy(arch, eos_bias=EOS_BIAS)
-    r = policy.rollout(PROMPTS, max_new_tokens=8, completions_per_prompt=2, temperature=0.9, generator=_gen(4))
+    r = policy.rollout(
+        PROMPTS, max_new_tokens=8, completions_per_prompt=2, temperature=0.9, generator=_gen(4)
+    )
     expected = oracle_logprobs(policy.model, r)
     gap = _max_gap(policy.score(r).logprobs.double(), expected, r.response_mask)
     print(f"{arch}: max |Δ logprob| score vs per-token oracle = {gap:.2e}")
@@ -294,7 +302,9 @@ def test_top_k_samples_stay_in_the_top_k(arch: str) -> None:
     policy = _policy(arch, scale=PEAKED[arch])
 
     def ranks(**kwargs) -> torch.Tensor:
-        r = policy.rollout(PROMPTS, max_new_tokens=10, completions_per_prompt=4, generator=_gen(9), **kwargs)
+        r = policy.rollout(
+            PROMPTS, max_new_tokens=10, completions_per_prompt=4, generator=_gen(9), **kwargs
+        )
         log_p = torch.log_softmax(_logits(policy, r) / r.temperature, dim=-1)
         taken = log_p.gather(-1, r.response_ids[..., None])
         return (log_p > taken + 1e-6).sum(-1)[r.response_mask]  # tokens strictly likelier
@@ -310,7 +320,9 @@ def test_top_p_samples_stay_in_the_nucleus(arch: str) -> None:
     top_p = 0.5
 
     def mass_before(**kwargs) -> torch.Tensor:
-        r = policy.rollout(PROMPTS, max_new_tokens=10, completions_per_prompt=4, generator=_gen(9), **kwargs)
+        r = policy.rollout(
+            PROMPTS, max_new_tokens=10, completions_per_prompt=4, generator=_gen(9), **kwargs
+        )
         log_p = torch.log_softmax(_logits(policy, r) / r.temperature, dim=-1)
         taken = log_p.gather(-1, r.response_ids[..., None])
         likelier = log_p > taken + 1e-6
@@ -323,7 +335,9 @@ def test_top_p_samples_stay_in_the_nucleus(arch: str) -> None:
     assert float(mass_before(top_p=1.0).max()) > top_p  # top_p = 1 keeps everything
 
 
-@pytest.mark.parametrize("kwargs", [{"top_k": 1}, {"top_k": 3}, {"top_p": 0.3}, {"top_k": 5, "top_p": 0.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"top_k": 1}, {"top_k": 3}, {"top_p": 0.3}, {"top_k": 5, "top_p": 0.5}]
+)
 def test_truncated_sampling_records_untruncated_tempered_logprobs(kwargs: dict) -> None:
     # Documented in Policy.rollout: old_logprobs are those of softmax(logits / τ), not of
     # the truncated distribution, so that score() (which cannot truncate) agrees.

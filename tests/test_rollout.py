@@ -1,6 +1,7 @@
 """Rollout (validation, select, concat, to) and RolloutBuffer (minibatches, whitening)."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_text_counts_must_match_the_batch() -> None:
 
 def test_empty_batch_and_empty_first_response_token_are_rejected() -> None:
     r = synthetic_rollout()
-    with pytest.raises((ValueError, TypeError), match="at least one completion|parameter"):
+    with pytest.raises((ValueError, TypeError), match=r"at least one completion|parameter"):
         r.select(slice(0, 0))
     mask = r.response_mask.clone()
     mask[2, 0] = False
@@ -296,9 +297,13 @@ def test_concat_errors() -> None:
 def test_concat_of_splits_is_the_original_on_real_tokens(spec: dict, data: st.DataObject) -> None:
     r = _rollout(**spec)
     # Property: concat(trimmed splits of r) == r on real tokens; masks identical; groups kept apart.
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(r) - 1), max_size=3)))) if len(r) > 1 else []
+    cuts = (
+        sorted(set(data.draw(st.lists(st.integers(1, len(r) - 1), max_size=3))))
+        if len(r) > 1
+        else []
+    )
     bounds = [0, *cuts, len(r)]
-    parts = [_trimmed(r.select(slice(lo, hi))) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    parts = [_trimmed(r.select(slice(lo, hi))) for lo, hi in itertools.pairwise(bounds)]
     joined = Rollout.concat(parts)
     _assert_same_real_tokens(joined, r)
     part_of = torch.repeat_interleave(

@@ -341,7 +341,7 @@ class Policy(nn.Module):
             )
         logits = out.logits
         logprobs = KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
-        entropy_logits = logits
+        entropy_logits = logits if entropy_with_grad else logits.detach()
         entropy = KF.entropy_from_logits(entropy_logits, rollout.temperature)
         values = None
         if self.value_head is not None:

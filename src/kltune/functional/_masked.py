@@ -132,7 +132,7 @@ def masked_whiten(
 
     .. math::
         w_i = \frac{x_i - \bar x}{\sqrt{\operatorname{var}_m(x) + \epsilon}}
-        \;(+\ \bar x \text{ if not shift\_mean})
+        \;(+\ \bar x \text{ if not } \mathtt{shift\_mean})
 
     Statistics use the real positions only (population variance); the result is
     0 at masked positions.
