@@ -143,6 +143,8 @@ def test_certain_eos_stops_every_row_after_one_token() -> None:
     assert bool((r.response_ids == policy.eos_token_id).all())
     assert r.completions == ("",) * 6
     assert float(r.old_logprobs.min()) > -1e-3  # EOS had probability ~1
+    # T = 1: score() forwards the prompt alone and keeps its last logit row
+    assert _max_gap(policy.score(r).logprobs, r.old_logprobs, r.response_mask) < ATOL
 
 
 def test_without_a_pad_token_eos_pads() -> None:

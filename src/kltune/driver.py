@@ -126,7 +126,7 @@ def train(
         out_dir: folder for metrics, samples and checkpoints.
         seed: seeds the run's own generator (sampling, prompts, minibatches).
         sample_every: log completions every this many iterations (0: never).
-        checkpoint_every: checkpoint every this many iterations (0: only at the end).
+        checkpoint_every: checkpoint every this many iterations (0: never).
         resume: continue from the newest checkpoint in ``out_dir`` if any.
         tracker: called with ``(metrics, iteration)`` after each iteration
             (e.g. a TensorBoard writer or ``accelerator.log``).

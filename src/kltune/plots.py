@@ -317,7 +317,7 @@ def summary_table(
         ...     _ = (folder / f"s{seed}.jsonl").write_text(f'{{"kl/mean": {kl}}}\n')
         >>> runs = {"adaptive KL": [folder / "s0.jsonl", folder / "s1.jsonl"]}
         >>> print(summary_table(runs, keys=["kl/mean"]))
-        | arm | seeds | KL(π‖π_ref) per token |
+        | arm | seeds | KL(π‖π_ref) per completion (nats) |
         | --- | ---: | ---: |
         | adaptive KL | 2 | 0.2 ± 0.14 |
         >>> shutil.rmtree(folder)

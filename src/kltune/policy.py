@@ -276,8 +276,13 @@ class Policy(nn.Module):
         eos = self.eos_token_id
         mask = prompt_mask.long()
         positions = position_ids_from_mask(prompt_mask)
+        # Only the last prompt position predicts a token: no [B, P, V] logits for the prompt.
         out = self.model(
-            input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True
+            input_ids=prompt_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
         )
         next_position = positions[:, -1:] + 1
         done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
