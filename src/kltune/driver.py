@@ -142,7 +142,7 @@ def train(
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     detector: CollapseDetector | None = None
-    first_diversity: dict[str, float] | None = None
+    first = True
     bar = tqdm(
         total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
     )
@@ -156,38 +156,42 @@ def train(
                 batch, blocks, state, sampling, optimisation, generator
             )
             diversity = diversity_metrics(list(rollout.completions))
-            if first_diversity is None:
-                first_diversity = diversity
-                detector = _collapse_detector(rollout, collapse_threshold)
-            metrics |= diversity
-            if detector is not None:
-                metrics |= detector.metrics(diversity)
+            if first:  # pi_ref's own samples from iteration 0; after a resume, the resumed policy's
+                detector, first = _collapse_detector(rollout, diversity, collapse_threshold), False
+            metrics |= diversity | (detector.metrics(diversity) if detector else {})
             if metrics_file is not None:
                 _write_line(metrics_file, metrics)
-            if (
-                samples_file is not None
-                and sample_every
-                and state.iteration % sample_every in (0, 1)
-            ):
+            if samples_file is not None and _due(state.iteration, sample_every):
                 _write_line(samples_file, _samples_record(state.iteration, rollout, 8))
             if tracker is not None:
                 tracker(metrics, state.iteration)
             if is_main_process and checkpoint_every and state.iteration % checkpoint_every == 0:
                 _checkpoint(out, blocks, state, generator)
-            bar.set_postfix(
-                reward=f"{metrics['reward/score_mean']:.3f}",
-                kl=f"{metrics['kl/mean']:.2f}",
-                beta=f"{metrics['kl/beta']:.3f}",
-            )
-            bar.update(1)
+            _show_progress(bar, metrics)
     bar.close()
     return state
 
 
-def _collapse_detector(rollout: Rollout, threshold: float) -> CollapseDetector | None:
+def _due(iteration: int, every: int) -> bool:
+    """Log samples at the first iteration and every ``every`` iterations (0: never)."""
+    return bool(every) and iteration % every in (0, 1)
+
+
+def _show_progress(bar: Any, metrics: Metrics) -> None:
+    bar.set_postfix(
+        reward=f"{metrics['reward/score_mean']:.3f}",
+        kl=f"{metrics['kl/mean']:.2f}",
+        beta=f"{metrics['kl/beta']:.3f}",
+    )
+    bar.update(1)
+
+
+def _collapse_detector(
+    rollout: Rollout, diversity: Metrics, threshold: float
+) -> CollapseDetector | None:
     """A detector against the first iteration's samples (π_ref's own), or None when
     those have no bigram to compare with (e.g. a random model's unspaced output)."""
-    if diversity_metrics(list(rollout.completions))["diversity/distinct_2"] <= 0:
+    if diversity["diversity/distinct_2"] <= 0:
         return None
     return CollapseDetector.from_reference(list(rollout.completions), threshold=threshold)
 

@@ -288,13 +288,7 @@ class Policy(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
         tokens, logprobs, real = [], [], []
         for _ in range(max_new_tokens):
-            scaled = out.logits[:, -1].float() / temperature
-            if not bool(torch.isfinite(scaled).all()):
-                raise FloatingPointError(
-                    "the policy produced NaN/inf logits while sampling: its weights are "
-                    "probably corrupted (a learning rate too high, or a non-finite update)"
-                )
-            log_p = torch.log_softmax(scaled, dim=-1)
+            log_p = _next_token_logprobs(out.logits[:, -1], temperature)
             token = _draw(log_p, top_k, top_p, generator)
             real.append(~done)
             token = token.masked_fill(done, self.pad_token_id)
@@ -354,6 +348,17 @@ class Policy(nn.Module):
             hidden = out.hidden_states[-1][:, -length:]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
+
+
+def _next_token_logprobs(logits: Float[Tensor, "B V"], temperature: float) -> Float[Tensor, "B V"]:
+    """``log_softmax(logits / τ)`` in float32, refusing NaN/inf logits with a cause."""
+    scaled = logits.float() / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        raise FloatingPointError(
+            "the policy produced NaN/inf logits while sampling: its weights are "
+            "probably corrupted (a learning rate too high, or a non-finite update)"
+        )
+    return torch.log_softmax(scaled, dim=-1)
 
 
 def _draw(

@@ -207,10 +207,15 @@ class RolloutBuffer:
         rollout: one Rollout, or several concatenated with :meth:`Rollout.concat`.
 
     Example:
+        >>> ids = torch.zeros(4, 2, dtype=torch.long)
+        >>> rollout = Rollout(
+        ...     prompt_ids=ids, prompt_mask=ids == 0, response_ids=ids,
+        ...     response_mask=ids == 0, old_logprobs=torch.zeros(4, 2),
+        ...     prompts=("p",) * 4, completions=("c",) * 4, temperature=1.0,
+        ...     prompt_index=torch.arange(4), ended=torch.ones(4, dtype=torch.bool))
         >>> gen = torch.Generator().manual_seed(0)
-        >>> buffer = RolloutBuffer(rollout)  # doctest: +SKIP
-        >>> for minibatch in buffer.minibatches(4, epochs=2, generator=gen):  # doctest: +SKIP
-        ...     loss = objective(policy, minibatch)
+        >>> [len(mb) for mb in RolloutBuffer(rollout).minibatches(2, epochs=2, generator=gen)]
+        [2, 2, 2, 2]
     """
 
     rollout: Rollout
