@@ -342,6 +342,9 @@ class ClassifierReward:
     - ``distilbert-base-uncased-finetuned-sst-2-english`` (SST-2 sentences),
     - ``lvwerra/distilbert-imdb`` (IMDb reviews, the classic RLHF sentiment task).
 
+    Skipped as a doctest: it downloads the classifier, and the test machines
+    are offline (tests/test_rewards.py covers the same path on a tiny classifier):
+
     >>> reward = ClassifierReward.from_pretrained(  # doctest: +SKIP
     ...     "lvwerra/distilbert-imdb", positive_label="POSITIVE", output="logit"
     ... )
