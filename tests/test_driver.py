@@ -79,7 +79,21 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "split" / "metrics.jsonl")
-    assert straight == resumed
+    assert straight == resumed  # includes collapse/* (its reference travels in the checkpoint)
+    assert any("collapse/ratio" in r for r in resumed[2:])
+    samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("straight", "split")]
+    assert samples[0] == samples[1]
+
+
+def test_resume_after_a_crash_drops_lines_written_after_the_checkpoint(tmp_path: Path) -> None:
+    _train(tmp_path / "straight", iterations=3)
+    _train(tmp_path / "split", iterations=3, checkpoint_every=2)  # iteration 3 not checkpointed
+    with (tmp_path / "split" / "metrics.jsonl").open("a") as f:
+        f.write('{"half-written')  # a crash mid-line
+    _train(tmp_path / "split", iterations=3, resume=True)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        texts = [(tmp_path / run / name).read_text() for run in ("straight", "split")]
+        assert texts[0] == texts[1], name
 
 
 def test_checkpoints_keep_only_the_newest_complete_one(tmp_path: Path) -> None:

@@ -96,7 +96,8 @@ def test_rollout_rows_of_a_prompt_are_contiguous_and_texts_travel() -> None:
         real_prompt = r.prompt_ids[i][r.prompt_mask[i]].tolist()
         assert real_prompt == tokenizer(r.prompts[i]).input_ids
         real = r.response_ids[i][r.response_mask[i]]
-        assert r.completions[i] == tokenizer.decode(real[real != tokenizer.eos_token_id])
+        # completions are decoded without special tokens (EOS, or a sampled pad token)
+        assert r.completions[i] == tokenizer.decode(real, skip_special_tokens=True)
     # prompts are left padded: real tokens end at the last column
     assert bool(r.prompt_mask[:, -1].all())
     assert torch.equal(r.prompt_mask, r.prompt_mask.cummax(1).values)
@@ -282,6 +283,52 @@ def test_sampling_logprobs_equal_score_logprobs(arch: str, temperature: float) -
     gap = _max_gap(policy.score(r).logprobs, r.old_logprobs, r.response_mask)
     print(f"{arch} τ={temperature}: max |Δ logprob| sampling vs score = {gap:.2e}")
     assert gap < ATOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_values_recorded_while_sampling_equal_score_values(arch: str) -> None:
+    """The fast path (values from the sampling pass) against the plain one (a second forward)."""
+    policy = _policy(arch, eos_bias=EOS_BIAS, value_head=True)
+    assert policy.value_head is not None
+    with torch.no_grad():
+        nn.init.normal_(policy.value_head.weight)  # away from the zero init
+        policy.value_head.bias.fill_(0.3)
+    r = policy.rollout([*PROMPTS, ""], max_new_tokens=10, completions_per_prompt=2, generator=_gen(4))
+    assert bool((~r.response_mask).any())
+    assert r.old_values is not None
+    scored = policy.score(r).values
+    assert scored is not None
+    gap = _max_gap(scored, r.old_values, r.response_mask)
+    print(f"{arch}: max |Δ value| sampling vs score = {gap:.2e}")
+    assert gap < ATOL
+    assert bool((r.old_values[~r.response_mask] == 0).all())
+
+
+def test_without_a_value_head_a_rollout_has_no_values() -> None:
+    r = _policy().rollout(PROMPTS, max_new_tokens=3, generator=_gen())
+    assert r.old_values is None
+
+
+def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_probability_zero() -> None:
+    from kltune.policy import _draw
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    log_p = probs.log().expand(20_000, -1)
+    tokens = _draw(log_p, None, None, _gen(0))
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert bool((counts[probs == 0] == 0).all())
+    expected = probs.double() * len(tokens)
+    chi2 = float((((counts - expected) ** 2)[probs > 0] / expected[probs > 0]).sum())
+    assert chi2 < 13.8  # χ² with 2 degrees of freedom, p = 0.001
+    assert torch.equal(tokens, _draw(log_p, None, None, _gen(0)))  # same generator, same draw
+
+
+def test_a_row_with_no_mass_is_refused() -> None:
+    from kltune.policy import _draw
+
+    log_p = torch.full((2, 4), float("-inf"))
+    with pytest.raises(FloatingPointError, match="no mass"):
+        _draw(log_p, None, None, _gen())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

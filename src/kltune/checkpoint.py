@@ -8,6 +8,7 @@ A checkpoint is a folder::
       state.json             iteration, KL controller, baseline, metrics position
       baseline.safetensors   a learned baseline's weights (when there is one)
       rng.pt                 the run's torch.Generator state
+      value_optimizer.pt     a learned baseline's optimiser state (when there is one)
 
 It is written into a hidden temporary folder and renamed into place, so a
 process killed during a save leaves the previous checkpoint as it was.
@@ -52,8 +53,14 @@ def save_checkpoint(
     generator: torch.Generator,
     metrics_lines: int,
     keep: int = 1,
+    value_optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint for ``iteration`` under ``folder`` atomically; keep the newest ``keep``.
+
+    Args:
+        extra: JSON-serialisable run state beyond the blocks' (the driver keeps
+            the skip counters and the collapse detector's reference here).
 
     Returns:
         The checkpoint's folder.
@@ -67,11 +74,14 @@ def save_checkpoint(
             save_file(_trainable_state(baseline), str(scratch / "baseline.safetensors"))
         torch.save(optimizer.state_dict(), scratch / "optimizer.pt")
         torch.save(generator.get_state(), scratch / "rng.pt")
+        if value_optimizer is not None:
+            torch.save(value_optimizer.state_dict(), scratch / "value_optimizer.pt")
         state = {
             "iteration": iteration,
             "controller": controller.state_dict(),
             "baseline": _baseline_state(baseline),
             "metrics_lines": metrics_lines,
+            "extra": extra or {},
         }
         (scratch / "state.json").write_text(json.dumps(state, indent=2))
         if target.exists():
@@ -98,6 +108,7 @@ class Restored:
     controller: KLController
     baseline_state: dict[str, Any]
     metrics_lines: int
+    extra: dict[str, Any]
 
 
 def load_checkpoint(
@@ -107,6 +118,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     baseline: object = None,
+    value_optimizer: torch.optim.Optimizer | None = None,
 ) -> Restored:
     """Load weights, optimiser and RNG state in place; return iteration, controller, baseline state."""
     weights = load_file(str(path / "policy.safetensors"))
@@ -118,10 +130,14 @@ def load_checkpoint(
         baseline.load_state_dict(load_file(str(path / "baseline.safetensors")), strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     generator.set_state(torch.load(path / "rng.pt", weights_only=True))
+    if value_optimizer is not None:
+        value_state = torch.load(path / "value_optimizer.pt", weights_only=True)
+        value_optimizer.load_state_dict(value_state)
     state = json.loads((path / "state.json").read_text())
     return Restored(
         iteration=int(state["iteration"]),
         controller=controller_from_state(state["controller"]),
         baseline_state=state["baseline"],
         metrics_lines=int(state["metrics_lines"]),
+        extra=dict(state.get("extra", {})),
     )

@@ -11,6 +11,7 @@ Files written under ``out_dir``:
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -63,33 +64,50 @@ def _samples_record(iteration: int, rollout: Rollout, limit: int) -> dict[str, A
 
 def _restore(
     out_dir: Path, blocks: Blocks, state: LoopState, generator: torch.Generator
-) -> LoopState:
+) -> tuple[LoopState, list[str] | None]:
+    """The state of the newest checkpoint, and the collapse detector's reference texts."""
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is None:
-        return state
+        return state, None
     restored = load_checkpoint(
         checkpoint,
         policy=blocks.policy,
         optimizer=blocks.optimizer,
         generator=generator,
         baseline=state.baseline,
+        value_optimizer=blocks.value_fit.optimizer if blocks.value_fit else None,
     )
     baseline = state.baseline
     if dataclasses.is_dataclass(baseline) and not isinstance(baseline, type):
         fields = {f.name for f in dataclasses.fields(baseline)}
         kept = {k: v for k, v in restored.baseline_state.items() if k in fields}
         baseline = dataclasses.replace(baseline, **kept)
-    _truncate_lines(out_dir / "metrics.jsonl", restored.metrics_lines)
-    return dataclasses.replace(
-        state, iteration=restored.iteration, controller=restored.controller, baseline=baseline
+    _truncate_lines(out_dir / "metrics.jsonl", lambda i, _: i < restored.metrics_lines)
+    _truncate_lines(
+        out_dir / "samples.jsonl",
+        lambda _, line: int(json.loads(line)["iteration"]) <= restored.iteration,
     )
+    extra = restored.extra
+    state = dataclasses.replace(
+        state,
+        iteration=restored.iteration,
+        controller=restored.controller,
+        baseline=baseline,
+        total_skips=int(extra.get("total_skips", 0)),
+        consecutive_skips=int(extra.get("consecutive_skips", 0)),
+    )
+    return state, extra.get("collapse_reference")
 
 
-def _truncate_lines(path: Path, keep: int) -> None:
-    """Drop metric lines written after the checkpoint (they will be written again)."""
+def _truncate_lines(path: Path, keep: Callable[[int, str], bool]) -> None:
+    """Drop lines written after the checkpoint (they will be written again), and any
+    half-written last line, atomically."""
     if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)[:keep]
-        path.write_text("".join(line for line in lines if line.endswith("\n")))
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for i, line in enumerate(lines) if line.endswith("\n") and keep(i, line)]
+        scratch = path.with_name(f".{path.name}.tmp")
+        scratch.write_text("".join(kept), encoding="utf-8")
+        os.replace(scratch, path)
 
 
 def train(
@@ -137,12 +155,13 @@ def train(
     """
     out = Path(out_dir)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    reference_texts: list[str] | None = None
     if resume:
-        state = _restore(out, blocks, state, generator)
+        state, reference_texts = _restore(out, blocks, state, generator)
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    detector: CollapseDetector | None = None
-    first = True
+    detector = _collapse_detector(reference_texts, collapse_threshold)
+    first = reference_texts is None
     bar = tqdm(
         total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
     )
@@ -156,8 +175,9 @@ def train(
                 batch, blocks, state, sampling, optimisation, generator
             )
             diversity = diversity_metrics(list(rollout.completions))
-            if first:  # pi_ref's own samples from iteration 0; after a resume, the resumed policy's
-                detector, first = _collapse_detector(rollout, diversity, collapse_threshold), False
+            if first:  # π_ref's own samples (iteration 0), kept in checkpoints for a resume
+                reference_texts, first = list(rollout.completions), False
+                detector = _collapse_detector(reference_texts, collapse_threshold)
             metrics |= diversity | (detector.metrics(diversity) if detector else {})
             if metrics_file is not None:
                 _write_line(metrics_file, metrics)
@@ -166,7 +186,7 @@ def train(
             if tracker is not None:
                 tracker(metrics, state.iteration)
             if is_main_process and checkpoint_every and state.iteration % checkpoint_every == 0:
-                _checkpoint(out, blocks, state, generator)
+                _checkpoint(out, blocks, state, generator, reference_texts)
             _show_progress(bar, metrics)
     bar.close()
     return state
@@ -186,17 +206,22 @@ def _show_progress(bar: Any, metrics: Metrics) -> None:
     bar.update(1)
 
 
-def _collapse_detector(
-    rollout: Rollout, diversity: Metrics, threshold: float
-) -> CollapseDetector | None:
+def _collapse_detector(texts: list[str] | None, threshold: float) -> CollapseDetector | None:
     """A detector against the first iteration's samples (π_ref's own), or None when
-    those have no bigram to compare with (e.g. a random model's unspaced output)."""
-    if diversity["diversity/distinct_2"] <= 0:
+    there are none yet or they have no bigram to compare with (e.g. a random
+    model's unspaced output)."""
+    if texts is None or diversity_metrics(texts)["diversity/distinct_2"] <= 0:
         return None
-    return CollapseDetector.from_reference(list(rollout.completions), threshold=threshold)
+    return CollapseDetector.from_reference(texts, threshold=threshold)
 
 
-def _checkpoint(out: Path, blocks: Blocks, state: LoopState, generator: torch.Generator) -> None:
+def _checkpoint(
+    out: Path,
+    blocks: Blocks,
+    state: LoopState,
+    generator: torch.Generator,
+    reference_texts: list[str] | None,
+) -> None:
     save_checkpoint(
         out / "checkpoints",
         iteration=state.iteration,
@@ -206,6 +231,12 @@ def _checkpoint(out: Path, blocks: Blocks, state: LoopState, generator: torch.Ge
         baseline=state.baseline,
         generator=generator,
         metrics_lines=state.iteration,
+        value_optimizer=blocks.value_fit.optimizer if blocks.value_fit else None,
+        extra={
+            "total_skips": state.total_skips,
+            "consecutive_skips": state.consecutive_skips,
+            "collapse_reference": reference_texts,
+        },
     )
 
 

@@ -121,9 +121,9 @@ class LoopState:
 def collect_rollout(
     policy: Policy, prompts: Sequence[str], sampling: Sampling, generator: torch.Generator
 ) -> Rollout:
-    """Sample completions; record the value head's predictions when there is one."""
+    """Sample completions (with the value head's predictions when there is one)."""
     with torch.no_grad():
-        rollout = policy.rollout(
+        return policy.rollout(
             prompts,
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
@@ -133,9 +133,6 @@ def collect_rollout(
             generator=generator,
             autocast_dtype=sampling.autocast_dtype,
         )
-        if policy.value_head is not None:
-            rollout = rollout.replace(old_values=policy.score(rollout).values)
-    return rollout
 
 
 def score_reference(reference: Reference, rollout: Rollout) -> Rollout:

@@ -82,6 +82,7 @@ class _Sampled:
     logprobs: Float[Tensor, "B T"]
     mask: Bool[Tensor, "B T"]
     ended: Bool[Tensor, " B"]
+    values: Float[Tensor, "B T"] | None
 
 
 @final
@@ -200,7 +201,9 @@ class Policy(nn.Module):
         Sampling never records a graph. The behaviour logprobs come from the
         sampling pass itself (no second forward) and are always those of
         ``softmax(logits / temperature)``, the distribution :meth:`score`
-        computes. With ``top_k``/``top_p`` the tokens are drawn from the
+        computes. With a value head, the values V(s_t) come from the same pass
+        (the hidden state that predicts token ``t``), equal to :meth:`score`'s
+        within float32 rounding. With ``top_k``/``top_p`` the tokens are drawn from the
         truncated distribution, so PPO's first ratio is not exactly 1 on tokens
         near the cut; both sides of the ratio still use the same distribution.
 
@@ -217,7 +220,8 @@ class Policy(nn.Module):
                 (e.g. ``torch.bfloat16``); logprobs are float32 either way.
 
         Returns:
-            A Rollout with ``old_logprobs`` filled.
+            A Rollout with ``old_logprobs`` (and ``old_values`` with a value
+            head) filled.
 
         Raises:
             ValueError: empty prompts, a prompt too long for the context,
@@ -250,6 +254,7 @@ class Policy(nn.Module):
             response_ids=sampled.tokens,
             response_mask=sampled.mask,
             old_logprobs=sampled.logprobs,
+            old_values=sampled.values,
             prompts=tuple(p for p in prompts for _ in range(group)),
             completions=tuple(texts),
             temperature=float(temperature),
@@ -274,6 +279,7 @@ class Policy(nn.Module):
     ) -> _Sampled:
         batch = prompt_ids.shape[0]
         eos = self.eos_token_id
+        with_values = self.value_head is not None
         mask = prompt_mask.long()
         positions = position_ids_from_mask(prompt_mask)
         # Only the last prompt position predicts a token: no [B, P, V] logits for the prompt.
@@ -283,17 +289,22 @@ class Policy(nn.Module):
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=with_values,
         )
         next_position = positions[:, -1:] + 1
         done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-        tokens, logprobs, real = [], [], []
+        tokens, logprobs, real, values = [], [], [], []
         for _ in range(max_new_tokens):
             log_p = _next_token_logprobs(out.logits[:, -1], temperature)
             token = _draw(log_p, top_k, top_p, generator)
+            chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
+            _check_finite(chosen)
+            if with_values:
+                values.append(self._values(out.hidden_states[-1][:, -1]))
             real.append(~done)
             token = token.masked_fill(done, self.pad_token_id)
             tokens.append(token)
-            logprobs.append(log_p.gather(-1, token[:, None]).squeeze(-1))
+            logprobs.append(chosen)
             if eos is not None:
                 done = done | (token == eos)
             if bool(done.all()):
@@ -305,6 +316,7 @@ class Policy(nn.Module):
                 position_ids=next_position,
                 cache=out.cache,
                 use_cache=True,
+                output_hidden_states=with_values,
             )
             next_position = next_position + 1
         response_mask = torch.stack(real, dim=1)
@@ -313,7 +325,14 @@ class Policy(nn.Module):
             logprobs=torch.stack(logprobs, dim=1).masked_fill(~response_mask, 0.0),
             mask=response_mask,
             ended=done,
+            values=torch.stack(values, dim=1).masked_fill(~response_mask, 0.0)
+            if with_values
+            else None,
         )
+
+    def _values(self, hidden: Float[Tensor, "*B D"]) -> Float[Tensor, "*B"]:
+        assert self.value_head is not None
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def score(
         self,
@@ -345,20 +364,30 @@ class Policy(nn.Module):
         values = None
         if self.value_head is not None:
             length = rollout.response_ids.shape[1]
-            hidden = out.hidden_states[-1][:, -length:]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            values = self._values(out.hidden_states[-1][:, -length:])
         return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
 
 
 def _next_token_logprobs(logits: Float[Tensor, "B V"], temperature: float) -> Float[Tensor, "B V"]:
-    """``log_softmax(logits / τ)`` in float32, refusing NaN/inf logits with a cause."""
-    scaled = logits.float() / temperature
-    if not bool(torch.isfinite(scaled).all()):
+    """``log_softmax(logits / τ)`` in float32."""
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def _check_finite(chosen: Float[Tensor, " B"]) -> None:
+    """Refuse NaN/inf logits, with a cause.
+
+    Checking the drawn tokens' logprobs is enough: a NaN or +inf logit makes
+    the row's log-normaliser non-finite, hence every logprob of the row, and a
+    −inf logit (a banned token) has probability 0 and is never drawn.
+    """
+    if not bool(torch.isfinite(chosen).all()):
         raise FloatingPointError(
             "the policy produced NaN/inf logits while sampling: its weights are "
             "probably corrupted (a learning rate too high, or a non-finite update)"
         )
-    return torch.log_softmax(scaled, dim=-1)
 
 
 def _draw(
@@ -367,7 +396,13 @@ def _draw(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> Int[Tensor, " B"]:
-    """Sample one token per row from ``exp(log_p)``, optionally truncated by top-k / top-p."""
+    """Sample one token per row from ``exp(log_p)``, optionally truncated by top-k / top-p.
+
+    Inverse-CDF sampling: one uniform number per row against the cumulative
+    probabilities (float64). ``torch.multinomial`` draws an exponential variate
+    for every vocabulary entry, which on a CPU costs more than the rest of the
+    step outside the model (18 ms against 1 ms for 16 × 49k).
+    """
     if top_k is not None and top_k < log_p.shape[-1]:
         kth = torch.topk(log_p, top_k, dim=-1).values[:, -1:]
         log_p = log_p.masked_fill(log_p < kth, float("-inf"))
@@ -377,8 +412,15 @@ def _draw(
         drop_sorted = before >= top_p  # keep the smallest prefix whose mass reaches top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         log_p = log_p.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(log_p, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = torch.cumsum(log_p.exp().double(), dim=-1)
+    total = cdf[:, -1:]
+    if not bool((total > 0).all()):
+        raise FloatingPointError("a next-token distribution has no mass (all logits −inf or NaN)")
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    # The first index whose cumulative mass exceeds u·total: P(i) = p_i / total,
+    # and a token of probability 0 (flat cdf) is never the first to exceed it.
+    token = torch.searchsorted(cdf, u * total, right=True)
+    return token.clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 @runtime_checkable
