@@ -70,3 +70,17 @@ def demo(session: nox.Session) -> None:
     install(session, "test")
     args = session.posargs or ["--iterations", "12", "--threads", "2", "--out", "runs/demo"]
     session.run("python", "examples/sentiment.py", *args)
+
+
+@nox.session(python=PYTHON)
+def benchmark(session: nox.Session) -> None:
+    """kltune against TRL's PPOTrainer on the same work (about 25 minutes on 2 cores).
+
+    Writes results/performance/report.md (and one JSON per process); extra
+    arguments go to benchmarks/trl_ppo.py (e.g. ``-- --only headline``).
+    """
+    install(session, "test")
+    # The last TRL release that still ships trl.experimental.ppo.PPOTrainer.
+    session.install("trl==1.12.0")
+    args = session.posargs or ["--out", "results/performance"]
+    session.run("python", "benchmarks/trl_ppo.py", *args, env={"TRL_EXPERIMENTAL_SILENCE": "1"})

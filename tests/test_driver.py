@@ -151,3 +151,15 @@ def test_prompts_for_iteration_walks_the_pool_in_passes() -> None:
     assert prompts_for_iteration(PROMPTS, 2, 7, 1) == prompts_for_iteration(PROMPTS, 2, 7, 1)
     with pytest.raises(ValueError, match="empty"):
         prompts_for_iteration([], 2, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"checkpoint_every": -1}, {"sample_every": -2}, {"prompts_per_iteration": 0}]
+)
+def test_bad_driver_settings_are_named(tmp_path: Path, bad: dict) -> None:
+    blocks, state = tiny_blocks()
+    name = next(iter(bad))
+    settings = {"iterations": 1, "out_dir": tmp_path, "progress": False} | bad
+    with pytest.raises(ValueError, match=name):
+        kltune.train(["The movie"], blocks, state, **settings)
+    assert not any(tmp_path.iterdir())  # nothing half-written

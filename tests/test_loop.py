@@ -186,3 +186,49 @@ def test_health_warnings_name_the_likely_cause() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_unhealthy({"policy/approx_kl": 0.01, "policy/clipfrac": 0.1, "kl/mean": 0.5})
+
+
+@pytest.mark.parametrize("value_head", [False, True])
+def test_stepping_in_backward_equals_stepping_after_backward(value_head: bool) -> None:
+    # The memory fast path (no full set of gradients alive) against the plain path:
+    # same weights after 2 iterations of 2 minibatches, same metrics.
+    baseline = kltune.GAEBaseline() if value_head else None
+    runs = []
+    for in_backward in (False, True):
+        blocks, state = tiny_blocks(value_head=value_head, baseline=baseline)
+        optimisation = kltune.Optimisation(
+            minibatch_size=3, max_grad_norm=None, step_in_backward=in_backward
+        )
+        state, _, metrics = _iterate(blocks, state, n=2, optimisation=optimisation)
+        runs.append((blocks.policy.state_dict(), metrics))
+    (plain, plain_metrics), (fast, fast_metrics) = runs
+    for key, value in plain.items():
+        torch.testing.assert_close(fast[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    for a, b in zip(plain_metrics, fast_metrics, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_stepping_in_backward_refuses_accumulation_and_clipping() -> None:
+    with pytest.raises(ValueError, match="grad_accumulation_steps=1 and max_grad_norm=None"):
+        kltune.Optimisation(step_in_backward=True)  # default clips at 1.0
+    with pytest.raises(ValueError, match="step_in_backward"):
+        kltune.Optimisation(step_in_backward=True, max_grad_norm=None, grad_accumulation_steps=2)
+
+
+def test_stepping_in_backward_skips_a_non_finite_loss(monkeypatch) -> None:
+    blocks, state = tiny_blocks()
+    score = blocks.policy.score
+
+    def nan_score(rollout, **kwargs):
+        out = score(rollout, **kwargs)
+        return kltune.PolicyOutput(out.logprobs * float("nan"), out.entropy, out.values)
+
+    monkeypatch.setattr(blocks.policy, "score", nan_score)
+    before = copy.deepcopy(blocks.policy.model.state_dict())
+    optimisation = kltune.Optimisation(max_grad_norm=None, step_in_backward=True)
+    state, _, metrics = _iterate(blocks, state, n=1, optimisation=optimisation)
+    assert metrics[0]["policy/skipped_steps"] == 1
+    for key, value in before.items():
+        assert torch.equal(value, blocks.policy.model.state_dict()[key])

@@ -5,6 +5,7 @@ with a 259-token byte vocabulary and 256 positions. Tolerance for "the same
 logprobs" in float32: 1e-5 (observed differences are a few 1e-7).
 """
 
+import copy
 import math
 
 import pytest
@@ -293,7 +294,9 @@ def test_values_recorded_while_sampling_equal_score_values(arch: str) -> None:
     with torch.no_grad():
         nn.init.normal_(policy.value_head.weight)  # away from the zero init
         policy.value_head.bias.fill_(0.3)
-    r = policy.rollout([*PROMPTS, ""], max_new_tokens=10, completions_per_prompt=2, generator=_gen(4))
+    r = policy.rollout(
+        [*PROMPTS, ""], max_new_tokens=10, completions_per_prompt=2, generator=_gen(4)
+    )
     assert bool((~r.response_mask).any())
     assert r.old_values is not None
     scored = policy.score(r).values
@@ -302,6 +305,45 @@ def test_values_recorded_while_sampling_equal_score_values(arch: str) -> None:
     print(f"{arch}: max |Δ value| sampling vs score = {gap:.2e}")
     assert gap < ATOL
     assert bool((r.old_values[~r.response_mask] == 0).all())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_output_layer_scores_like_the_models_own_forward(
+    arch: str, temperature: float
+) -> None:
+    """The fast path (no [B, T, V] logits) against the plain one: values and gradients."""
+    fused = _policy(arch, eos_bias=EOS_BIAS, value_head=True)
+    assert fused.value_head is not None
+    with torch.no_grad():
+        nn.init.normal_(fused.value_head.weight)
+    plain = copy.deepcopy(fused)
+    plain.fused_head = False
+    r = fused.rollout(PROMPTS, max_new_tokens=8, temperature=temperature, generator=_gen(5))
+    outs = []
+    for policy in (fused, plain):
+        out = policy.score(r)
+        assert out.values is not None
+        loss = (out.logprobs * r.response_mask).sum() + out.values.sum()
+        loss.backward()
+        outs.append((out, {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}))
+    (f, f_grads), (p, p_grads) = outs
+    assert _max_gap(f.logprobs, p.logprobs, r.response_mask) < ATOL
+    assert _max_gap(f.entropy, p.entropy, r.response_mask) < ATOL
+    assert _max_gap(f.values, p.values, r.response_mask) < ATOL  # type: ignore[arg-type]
+    assert f_grads.keys() == p_grads.keys() and f_grads
+    for name, grad in p_grads.items():
+        torch.testing.assert_close(f_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        ref_fused = kltune.FrozenReference(fused).logprobs(r)
+        assert _max_gap(ref_fused, p.logprobs, r.response_mask) < ATOL
+
+
+def test_an_entropy_bonus_takes_the_models_own_forward() -> None:
+    policy = _policy()
+    r = policy.rollout(PROMPTS, max_new_tokens=4, generator=_gen())
+    out = policy.score(r, entropy_with_grad=True)
+    assert out.entropy.requires_grad
 
 
 def test_without_a_value_head_a_rollout_has_no_values() -> None:
@@ -557,3 +599,11 @@ def test_public_names() -> None:
     assert kltune.Policy is Policy and kltune.PolicyOutput is not None
     assert kltune.FrozenReference is FrozenReference
     assert kltune.AdapterOffReference is AdapterOffReference
+
+
+def test_scoring_token_ids_outside_the_embedding_is_an_error() -> None:
+    policy = _policy()
+    r = policy.rollout(PROMPTS, max_new_tokens=3, generator=_gen())
+    bad = r.replace(response_ids=r.response_ids.masked_fill(r.response_mask, 10_000))
+    with pytest.raises(ValueError, match="embedding has"):
+        policy.score(bad)

@@ -12,6 +12,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kltune import checkpoint as checkpoint
+    from kltune import diagnostics as diagnostics
+    from kltune import distributed as distributed
+    from kltune import functional as functional
+    from kltune import loop as loop
+    from kltune import plots as plots
     from kltune.baselines import (
         Baseline as Baseline,
     )
@@ -177,9 +183,15 @@ _EXPORTS = {
 }
 
 
+# Submodules reachable as attributes (``kltune.distributed.prepare``), imported on first use.
+_SUBMODULES = {"checkpoint", "diagnostics", "distributed", "functional", "loop", "plots"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kltune.{name}")
     raise AttributeError(f"module 'kltune' has no attribute {name!r}")
 
 

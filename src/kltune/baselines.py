@@ -16,6 +16,7 @@ training loss is exposed as ``loss`` so the loop optimises it explicitly.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Protocol, final, runtime_checkable
 
@@ -70,12 +71,35 @@ def _minus(returns: Tensor, baseline: Tensor, rollout: Rollout) -> Tensor:
     return torch.where(rollout.response_mask, centred, torch.zeros_like(centred))
 
 
+def _check_discount(gamma: float, lam: float = 1.0) -> None:
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
 def _group_size(rollout: Rollout) -> int:
-    counts = torch.bincount(rollout.prompt_index)
+    """G, checking that every prompt has G contiguous rows (as ``Policy.rollout`` makes them)."""
+    index = rollout.prompt_index
+    if int(index.min()) < 0:
+        raise ValueError(
+            f"rollout.prompt_index must be >= 0, got {int(index.min())}; it numbers the "
+            "distinct prompts 0, 1, 2, ..."
+        )
+    counts = torch.bincount(index)
     counts = counts[counts > 0]
-    if int(counts.min()) != int(counts.max()):
-        raise ValueError("group baselines need the same number of completions for every prompt")
-    size = int(counts[0])
+    runs = 1 + (index[1:] != index[:-1]).sum()  # contiguous groups: one run per prompt
+    low, high, n_runs = torch.stack([counts.min(), counts.max(), runs]).tolist()
+    if low != high:
+        raise ValueError(
+            "group baselines need the same number of completions for every prompt, got "
+            f"between {low} and {high} (rollout.prompt_index)"
+        )
+    if n_runs != counts.numel():
+        raise ValueError(
+            "group baselines need the rows of each prompt to be contiguous "
+            "(rollout.prompt_index like [0, 0, 1, 1]), as Policy.rollout makes them"
+        )
+    size = int(low)
     if size < 2:
         raise ValueError(
             "group baselines need several completions per prompt "
@@ -94,6 +118,9 @@ class MeanBaseline:
     """
 
     gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_discount(self.gamma)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -129,6 +156,9 @@ class EMABaseline:
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {self.decay}")
+        if self.value is not None and not math.isfinite(self.value):
+            raise ValueError(f"value must be finite or None, got {self.value}")
+        _check_discount(self.gamma)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -149,9 +179,16 @@ class LeaveOneOutBaseline:
     the *other* completions of its prompt, :math:`b_i = \frac{1}{G-1}\sum_{j\ne i} G_{j,0}`.
 
     Needs ``completions_per_prompt`` ≥ 2.
+
+    Raises:
+        ValueError: (in :meth:`advantages`) one completion per prompt, groups of
+            unequal size, or groups that are not contiguous rows.
     """
 
     gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_discount(self.gamma)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -173,11 +210,22 @@ class GroupNormBaseline:
 
     Args:
         scale: divide by the group's std (False: only centre, as Dr. GRPO).
+        eps: added to the std, > 0: a group of equal returns gets advantages 0.
+
+    Raises:
+        ValueError: ``gamma`` outside [0, 1] or ``eps`` not a finite number > 0;
+            in :meth:`advantages`, one completion per prompt, groups of unequal
+            size, or groups that are not contiguous rows.
     """
 
     gamma: float = 1.0
     scale: bool = True
     eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_discount(self.gamma)
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -215,6 +263,10 @@ class PromptValueBaseline(nn.Module):
     """
 
     def __init__(self, vocab_size: int, dim: int = 64, gamma: float = 1.0) -> None:
+        for name, value in (("vocab_size", vocab_size), ("dim", dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        _check_discount(gamma)
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim)
         self.head = nn.Linear(dim, 1)
@@ -223,8 +275,20 @@ class PromptValueBaseline(nn.Module):
         self.gamma = gamma
 
     def forward(self, rollout: Rollout) -> Float[Tensor, " B"]:
-        """V(prompt) for each row."""
+        """V(prompt) for each row.
+
+        Raises:
+            ValueError: a prompt token id is outside ``[0, vocab_size)``.
+        """
         ids = rollout.prompt_ids
+        vocab = self.embedding.num_embeddings
+        low, high = torch.stack([ids.min(), ids.max()]).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"prompt token ids run from {low} to {high}, outside the baseline's "
+                f"vocab_size of {vocab}: build PromptValueBaseline with the policy "
+                "tokenizer's len(tokenizer)"
+            )
         weights = rollout.prompt_mask.to(self.head.weight.dtype)
         embedded = self.embedding(ids)
         pooled = (embedded * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
@@ -258,6 +322,9 @@ class GAEBaseline:
 
     gamma: float = 1.0
     lam: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check_discount(self.gamma, self.lam)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         if rollout.old_values is None:

@@ -50,7 +50,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     controller: KLController,
     baseline: object,
-    generator: torch.Generator,
+    generator: torch.Generator | torch.Tensor | list[torch.Tensor],
     metrics_lines: int,
     keep: int = 1,
     value_optimizer: torch.optim.Optimizer | None = None,
@@ -59,6 +59,8 @@ def save_checkpoint(
     """Write a checkpoint for ``iteration`` under ``folder`` atomically; keep the newest ``keep``.
 
     Args:
+        generator: the run's generator, its state, or one state per process
+            of a data-parallel run (in rank order).
         extra: JSON-serialisable run state beyond the blocks' (the driver keeps
             the skip counters and the collapse detector's reference here).
 
@@ -73,7 +75,9 @@ def save_checkpoint(
         if isinstance(baseline, nn.Module):
             save_file(_trainable_state(baseline), str(scratch / "baseline.safetensors"))
         torch.save(optimizer.state_dict(), scratch / "optimizer.pt")
-        torch.save(generator.get_state(), scratch / "rng.pt")
+        if isinstance(generator, torch.Generator):
+            generator = generator.get_state()
+        torch.save(generator, scratch / "rng.pt")
         if value_optimizer is not None:
             torch.save(value_optimizer.state_dict(), scratch / "value_optimizer.pt")
         state = {
@@ -119,8 +123,17 @@ def load_checkpoint(
     generator: torch.Generator,
     baseline: object = None,
     value_optimizer: torch.optim.Optimizer | None = None,
+    rank: int = 0,
 ) -> Restored:
-    """Load weights, optimiser and RNG state in place; return iteration, controller, baseline state."""
+    """Load weights, optimiser and RNG state in place; return iteration, controller, baseline state.
+
+    ``rank`` picks this process's generator state from a checkpoint written by a
+    data-parallel run (one state per process).
+
+    Raises:
+        ValueError: the checkpoint lacks weights the policy trains, or holds no
+            generator state for ``rank``.
+    """
     weights = load_file(str(path / "policy.safetensors"))
     missing = set(_trainable_state(policy)) - set(weights)
     if missing:
@@ -129,7 +142,15 @@ def load_checkpoint(
     if isinstance(baseline, nn.Module):
         baseline.load_state_dict(load_file(str(path / "baseline.safetensors")), strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    generator.set_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    if isinstance(rng, list):
+        if rank >= len(rng):
+            raise ValueError(
+                f"checkpoint {path} was written by a run of {len(rng)} processes; "
+                f"it holds no random state for process {rank}"
+            )
+        rng = rng[rank]
+    generator.set_state(rng)
     if value_optimizer is not None:
         value_state = torch.load(path / "value_optimizer.pt", weights_only=True)
         value_optimizer.load_state_dict(value_state)

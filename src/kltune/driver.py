@@ -14,17 +14,53 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from tqdm.auto import tqdm
 
 from kltune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kltune.diagnostics import CollapseDetector, diversity_metrics
+from kltune.distributed import prepare
 from kltune.loop import Blocks, LoopState, Metrics, Optimisation, Sampling, ppo_iteration
 from kltune.rollout import Rollout
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 Tracker = Callable[[Metrics, int], None]
+
+# Process r samples with seed + r * stride: distinct random streams per process.
+_RANK_SEED_STRIDE = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranks:
+    """Who this process is in a data-parallel run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    main: bool = True
+    accelerator: Any = None
+
+    @classmethod
+    def of(cls, accelerator: Any, is_main_process: bool) -> "_Ranks":
+        if accelerator is None:
+            return cls(main=is_main_process)
+        return cls(
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            main=accelerator.is_main_process,
+            accelerator=accelerator,
+        )
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every process's items, in rank order (a collective: all processes call it)."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return list(gather_object(items))
 
 
 def prompts_for_iteration(
@@ -63,7 +99,11 @@ def _samples_record(iteration: int, rollout: Rollout, limit: int) -> dict[str, A
 
 
 def _restore(
-    out_dir: Path, blocks: Blocks, state: LoopState, generator: torch.Generator
+    out_dir: Path,
+    blocks: Blocks,
+    state: LoopState,
+    generator: torch.Generator,
+    ranks: "_Ranks",
 ) -> tuple[LoopState, list[str] | None]:
     """The state of the newest checkpoint, and the collapse detector's reference texts."""
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
@@ -76,17 +116,19 @@ def _restore(
         generator=generator,
         baseline=state.baseline,
         value_optimizer=blocks.value_fit.optimizer if blocks.value_fit else None,
+        rank=ranks.rank,
     )
     baseline = state.baseline
     if dataclasses.is_dataclass(baseline) and not isinstance(baseline, type):
         fields = {f.name for f in dataclasses.fields(baseline)}
         kept = {k: v for k, v in restored.baseline_state.items() if k in fields}
         baseline = dataclasses.replace(baseline, **kept)
-    _truncate_lines(out_dir / "metrics.jsonl", lambda i, _: i < restored.metrics_lines)
-    _truncate_lines(
-        out_dir / "samples.jsonl",
-        lambda _, line: int(json.loads(line)["iteration"]) <= restored.iteration,
-    )
+    if ranks.main:
+        _truncate_lines(out_dir / "metrics.jsonl", lambda i, _: i < restored.metrics_lines)
+        _truncate_lines(
+            out_dir / "samples.jsonl",
+            lambda _, line: int(json.loads(line)["iteration"]) <= restored.iteration,
+        )
     extra = restored.extra
     state = dataclasses.replace(
         state,
@@ -128,6 +170,7 @@ def train(
     tracker: Tracker | None = None,
     progress: bool = True,
     is_main_process: bool = True,
+    accelerator: "Accelerator | None" = None,
 ) -> LoopState:
     """Run ``iterations`` PPO iterations, logging metrics, samples and checkpoints.
 
@@ -135,8 +178,17 @@ def train(
     compares them to iteration 0's completions, which are the reference
     policy's own samples (the policy starts as π_ref).
 
+    With an ``accelerator`` (Hugging Face Accelerate, launched with ``accelerate
+    launch``), ``blocks`` are prepared with :func:`kltune.distributed.prepare`
+    (pass them unprepared), each process samples ``prompts_per_iteration``
+    prompts of its own with its own random stream (``seed`` + a per-process
+    offset; process 0 uses ``seed``), metrics are averaged over processes and
+    only the main process writes files or shows progress. See
+    :mod:`kltune.distributed`.
+
     Args:
-        prompts: the prompt pool; each iteration draws ``prompts_per_iteration``.
+        prompts: the prompt pool; each iteration draws ``prompts_per_iteration``
+            (per process).
         blocks: the blocks (policy, reference, reward, objective, optimiser).
         state: controller and baseline at the start.
         iterations: the total number of iterations of the run (a resumed run
@@ -148,16 +200,32 @@ def train(
         resume: continue from the newest checkpoint in ``out_dir`` if any.
         tracker: called with ``(metrics, iteration)`` after each iteration
             (e.g. a TensorBoard writer or ``accelerator.log``).
-        is_main_process: False on other ranks: nothing is written or shown.
+        is_main_process: False on other ranks: nothing is written or shown
+            (set from ``accelerator`` when there is one).
+        accelerator: an ``accelerate.Accelerator`` for a data-parallel run.
 
     Returns:
         The final loop state.
     """
+    for name, value in (
+        ("iterations", iterations),
+        ("sample_every", sample_every),
+        ("checkpoint_every", checkpoint_every),
+        ("prompts_per_iteration", prompts_per_iteration),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if prompts_per_iteration < 1:
+        raise ValueError(f"prompts_per_iteration must be >= 1, got {prompts_per_iteration}")
     out = Path(out_dir)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ranks = _Ranks.of(accelerator, is_main_process)
+    if accelerator is not None:
+        blocks = prepare(blocks, accelerator)
+    is_main_process = ranks.main
+    generator = torch.Generator(device="cpu").manual_seed(seed + _RANK_SEED_STRIDE * ranks.rank)
     reference_texts: list[str] | None = None
     if resume:
-        state, reference_texts = _restore(out, blocks, state, generator)
+        state, reference_texts = _restore(out, blocks, state, generator, ranks)
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     detector = _collapse_detector(reference_texts, collapse_threshold)
@@ -170,13 +238,17 @@ def train(
         _open(out / "samples.jsonl", is_main_process) as samples_file,
     ):
         while state.iteration < iterations:
-            batch = prompts_for_iteration(prompts, prompts_per_iteration, state.iteration, seed)
+            every = prompts_for_iteration(
+                prompts, prompts_per_iteration * ranks.world, state.iteration, seed
+            )
+            batch = every[ranks.rank * prompts_per_iteration :][:prompts_per_iteration]
             state, rollout, metrics = ppo_iteration(
                 batch, blocks, state, sampling, optimisation, generator
             )
-            diversity = diversity_metrics(list(rollout.completions))
+            texts = ranks.gather(list(rollout.completions))
+            diversity = diversity_metrics(texts)
             if first:  # π_ref's own samples (iteration 0), kept in checkpoints for a resume
-                reference_texts, first = list(rollout.completions), False
+                reference_texts, first = texts, False
                 detector = _collapse_detector(reference_texts, collapse_threshold)
             metrics |= diversity | (detector.metrics(diversity) if detector else {})
             if metrics_file is not None:
@@ -185,8 +257,10 @@ def train(
                 _write_line(samples_file, _samples_record(state.iteration, rollout, 8))
             if tracker is not None:
                 tracker(metrics, state.iteration)
-            if is_main_process and checkpoint_every and state.iteration % checkpoint_every == 0:
-                _checkpoint(out, blocks, state, generator, reference_texts)
+            if checkpoint_every and state.iteration % checkpoint_every == 0:
+                generators = ranks.gather([generator.get_state()])
+                if is_main_process:
+                    _checkpoint(out, blocks, state, generators, reference_texts)
             _show_progress(bar, metrics)
     bar.close()
     return state
@@ -219,7 +293,7 @@ def _checkpoint(
     out: Path,
     blocks: Blocks,
     state: LoopState,
-    generator: torch.Generator,
+    generators: list[torch.Tensor],
     reference_texts: list[str] | None,
 ) -> None:
     save_checkpoint(
@@ -229,7 +303,7 @@ def _checkpoint(
         optimizer=blocks.optimizer,
         controller=state.controller,
         baseline=state.baseline,
-        generator=generator,
+        generator=generators[0] if len(generators) == 1 else generators,
         metrics_lines=state.iteration,
         value_optimizer=blocks.value_fit.optimizer if blocks.value_fit else None,
         extra={

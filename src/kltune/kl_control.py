@@ -390,6 +390,13 @@ class KLPenalty:
     estimator: Callable[[Tensor, Tensor], Tensor] = kl_k3
     in_loss: bool = False
 
+    def __post_init__(self) -> None:
+        if not callable(self.estimator):
+            raise TypeError(
+                "estimator must be a function (logprobs, ref_logprobs) -> per-token KL, "
+                f"e.g. kltune.functional.kl_k3; got {self.estimator!r}"
+            )
+
     def reward_kl(
         self, old_logprobs: Float[Tensor, "B T"], ref_logprobs: Float[Tensor, "B T"]
     ) -> Float[Tensor, "B T"]:

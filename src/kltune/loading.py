@@ -184,10 +184,20 @@ def tiny_random_model(
         architecture: ``"llama"`` (Llama-family, rotary positions) or ``"gpt2"``
             (learned absolute positions).
         seed: seeds the weight initialisation (a local generator state, restored after).
-        hidden_size: width of the model.
+        hidden_size: width of the model, a multiple of 4 (its attention heads).
         layers: number of transformer blocks.
+
+    Raises:
+        ValueError: an unknown architecture, or ``hidden_size`` not a positive
+            multiple of 4.
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if hidden_size < 4 or hidden_size % 4 != 0:
+        raise ValueError(
+            f"hidden_size must be a positive multiple of 4 (the tiny model has 4 attention "
+            f"heads), got {hidden_size}"
+        )
 
     tokenizer = byte_tokenizer()
     special = {

@@ -8,7 +8,8 @@ returns a new Rollout (or metrics), nothing hidden in between.
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, final, runtime_checkable
 
@@ -18,7 +19,7 @@ from torch import Tensor
 import kltune.functional as KF
 from kltune.baselines import Baseline, LearnedBaseline
 from kltune.kl_control import KLController, KLPenalty
-from kltune.objective import PPOObjective
+from kltune.objective import PPOObjective, Scorer
 from kltune.policy import Policy, Reference
 from kltune.rewards import RewardFn, score_completions
 from kltune.rollout import Rollout, RolloutBuffer
@@ -42,6 +43,19 @@ class Sampling:
     completions_per_prompt: int = 1
     autocast_dtype: torch.dtype | None = None
 
+    def __post_init__(self) -> None:
+        """The checks of :meth:`kltune.Policy.rollout`, when the settings are made."""
+        for name in ("max_new_tokens", "completions_per_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] or None, got {self.top_p}")
+
 
 @final
 @dataclass(frozen=True)
@@ -57,6 +71,16 @@ class Optimisation:
         whiten_advantages: standardise advantages over the whole batch.
         max_consecutive_skips: stop after this many steps in a row are skipped
             for a non-finite loss or gradient.
+        step_in_backward: apply the optimiser to each parameter as soon as its
+            gradient is complete during backward, and free that gradient at
+            once: the peak memory no longer holds a full set of gradients (a
+            model's worth, 0.5 GB for a 135M model in float32). The update is
+            the same as a step after backward. Needs ``grad_accumulation_steps
+            = 1``, ``max_grad_norm = None`` (a global norm needs every gradient
+            first) and one process. A non-finite loss still skips the whole
+            step; a non-finite gradient skips that parameter's update, but
+            parameters whose gradients came earlier in backward are already
+            updated, and the step counts as skipped.
     """
 
     epochs: int = 1
@@ -65,6 +89,38 @@ class Optimisation:
     max_grad_norm: float | None = 1.0
     whiten_advantages: bool = True
     max_consecutive_skips: int = 3
+    step_in_backward: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "grad_accumulation_steps", "max_consecutive_skips"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        size = self.minibatch_size
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(
+                    f"minibatch_size must be an int >= 1 or None (the whole batch), got {size!r}"
+                )
+            if size % self.grad_accumulation_steps:
+                raise ValueError(
+                    f"grad_accumulation_steps={self.grad_accumulation_steps} must divide "
+                    f"minibatch_size={size}"
+                )
+        norm = self.max_grad_norm
+        if norm is not None and not (math.isfinite(norm) and norm > 0):
+            raise ValueError(
+                f"max_grad_norm must be a finite number > 0 or None, got {norm} "
+                "(a negative norm would flip the gradients)"
+            )
+        if self.step_in_backward and (
+            self.grad_accumulation_steps != 1 or self.max_grad_norm is not None
+        ):
+            raise ValueError(
+                "step_in_backward needs grad_accumulation_steps=1 and max_grad_norm=None "
+                f"(got {self.grad_accumulation_steps} and {self.max_grad_norm}): each "
+                "parameter is updated as soon as its own gradient is complete"
+            )
 
 
 @final
@@ -88,10 +144,29 @@ def _plain_backward(loss: Tensor) -> None:
     loss.backward()
 
 
+@runtime_checkable
+class AllReduce(Protocol):
+    """Sum a tensor over the processes of a data-parallel run (the identity in one process)."""
+
+    def __call__(self, tensor: Tensor) -> Tensor: ...
+
+
+def _one_process(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 @final
 @dataclass(frozen=True)
 class Blocks:
-    """The blocks one PPO iteration wires together."""
+    """The blocks one PPO iteration wires together.
+
+    The last three fields matter only for a data-parallel run, and
+    :func:`kltune.distributed.prepare` sets them: ``scorer`` is what the loss
+    calls to score a minibatch with gradient (the wrapped policy, so that the
+    engine synchronises gradients; default: ``policy``), ``backward`` is the
+    engine's backward, and ``all_reduce`` sums a tensor over processes (for
+    the whitening statistics, the KL that drives β, and the logged metrics).
+    """
 
     policy: Policy
     reference: Reference
@@ -100,6 +175,8 @@ class Blocks:
     optimizer: torch.optim.Optimizer
     value_fit: ValueFit | None = None
     backward: Backward = _plain_backward
+    scorer: Scorer | None = None
+    all_reduce: AllReduce = _one_process
 
 
 @final
@@ -153,7 +230,11 @@ def shape_with_kl(rollout: Rollout, kl: KLPenalty, beta: float) -> tuple[Rollout
     Returns the rollout with ``rewards`` and the per-token KL estimate (for logging
     and the controller, whatever the placement).
     """
-    assert rollout.ref_logprobs is not None and rollout.scores is not None
+    if rollout.ref_logprobs is None or rollout.scores is None:
+        raise ValueError(
+            "shape_with_kl needs ref_logprobs and scores: run score_reference and "
+            "compute_scores first"
+        )
     kl_tokens = kl.reward_kl(rollout.old_logprobs, rollout.ref_logprobs)
     beta_in_reward = 0.0 if kl.in_loss else beta
     rewards = KF.shaped_rewards(rollout.scores, kl_tokens, rollout.response_mask, beta_in_reward)
@@ -176,20 +257,72 @@ def optimise(
     state: LoopState,
 ) -> tuple[LoopState, list[dict[str, Tensor]]]:
     """PPO epochs over shuffled minibatches; a non-finite step is skipped, never applied."""
-    size = optimisation.minibatch_size or len(buffer)
+    size = len(buffer) if optimisation.minibatch_size is None else optimisation.minibatch_size
     history = []
     for minibatch in buffer.minibatches(size, optimisation.epochs, generator):
-        metrics = _accumulate_gradients(blocks, minibatch, beta, optimisation)
-        grad_norm = _clipped_grad_norm(blocks.policy, optimisation.max_grad_norm)
+        blocks.optimizer.zero_grad(set_to_none=True)
+        if optimisation.step_in_backward:
+            with _stepping_in_backward(blocks.policy, blocks.optimizer) as tally:
+                metrics = _accumulate_gradients(blocks, minibatch, beta, optimisation)
+            grad_norm = tally.norm()
+            stepped = tally.finite
+        else:
+            metrics = _accumulate_gradients(blocks, minibatch, beta, optimisation)
+            grad_norm = _clipped_grad_norm(blocks.policy, optimisation.max_grad_norm)
+            stepped = bool(torch.isfinite(grad_norm))
         metrics["policy/grad_norm"] = grad_norm
-        if torch.isfinite(grad_norm) and torch.isfinite(metrics["loss/total"]):
-            blocks.optimizer.step()
+        if stepped and torch.isfinite(metrics["loss/total"]):
+            if not optimisation.step_in_backward:
+                blocks.optimizer.step()
             state = _replace(state, consecutive_skips=0)
         else:
             state = _skip(state, optimisation)
         blocks.optimizer.zero_grad(set_to_none=True)
         history.append(metrics)
     return state, history
+
+
+class _Tally:
+    """Squared gradient norm and finiteness, gathered parameter by parameter."""
+
+    def __init__(self) -> None:
+        self.squares: list[Tensor] = []
+        self.finite = True
+
+    def norm(self) -> Tensor:
+        if not self.squares:
+            return torch.tensor(float("nan"))
+        return torch.stack(self.squares).sum().sqrt().cpu()
+
+
+@contextmanager
+def _stepping_in_backward(policy: Policy, optimizer: torch.optim.Optimizer) -> Iterator[_Tally]:
+    """Step each parameter when its gradient is complete, then drop the gradient.
+
+    ``optimizer.step()`` only updates parameters that have a gradient, and at a
+    hook's call only that hook's parameter has one (every other gradient is
+    either not computed yet or already dropped).
+    """
+    tally = _Tally()
+
+    def step(param: Tensor) -> None:
+        assert param.grad is not None
+        square = param.grad.detach().float().pow(2).sum()
+        tally.squares.append(square)
+        if bool(torch.isfinite(square)):
+            optimizer.step()
+        else:
+            tally.finite = False
+        param.grad = None
+
+    handles = [
+        p.register_post_accumulate_grad_hook(step) for p in policy.parameters() if p.requires_grad
+    ]
+    try:
+        yield tally
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def fit_value_baseline(value_fit: ValueFit, rollout: Rollout) -> Metrics:
@@ -205,11 +338,21 @@ def fit_value_baseline(value_fit: ValueFit, rollout: Rollout) -> Metrics:
 
 
 def update_controller(
-    controller: KLController, kl_tokens: Tensor, rollout: Rollout
+    controller: KLController,
+    kl_tokens: Tensor,
+    rollout: Rollout,
+    all_reduce: AllReduce = _one_process,
 ) -> KLController:
-    """β's update from the observed KL per sequence (summed over response tokens)."""
-    observed = float(KF.masked_sum(kl_tokens, rollout.response_mask) / len(rollout))
-    return controller.update(observed, len(rollout))
+    """β's update from the observed KL per sequence (summed over response tokens),
+    over the rollouts of every process."""
+    local = torch.stack(
+        [
+            KF.masked_sum(kl_tokens, rollout.response_mask).float().cpu(),
+            torch.tensor(float(len(rollout))),
+        ]
+    )
+    total, rows = all_reduce(local.to(kl_tokens.device)).tolist()
+    return controller.update(total / rows, int(rows))
 
 
 # ── one iteration ───────────────────────────────────────────────────────────
@@ -232,13 +375,14 @@ def ppo_iteration(
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = RolloutBuffer(rollout)
     if optimisation.whiten_advantages:
-        buffer = buffer.whitened()
+        buffer = buffer.whitened(all_reduce=blocks.all_reduce)
     state, history = optimise(blocks, buffer, beta, optimisation, generator, state)
     metrics = rollout_metrics(rollout, kl_tokens, beta) | _mean_metrics(history)
     if blocks.value_fit is not None:
         metrics |= fit_value_baseline(blocks.value_fit, rollout)
+    metrics = mean_over_processes(metrics, blocks.all_reduce)
     warn_if_unhealthy(metrics)
-    controller = update_controller(state.controller, kl_tokens, rollout)
+    controller = update_controller(state.controller, kl_tokens, rollout, blocks.all_reduce)
     state = _replace(
         state,
         controller=controller,
@@ -297,6 +441,15 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
 # ── helpers ─────────────────────────────────────────────────────────────────
 
 
+def mean_over_processes(metrics: Metrics, all_reduce: AllReduce) -> Metrics:
+    """Each metric averaged over processes, with one collective call (a no-op in one process)."""
+    if all_reduce is _one_process:
+        return metrics
+    local = torch.tensor([*metrics.values(), 1.0], dtype=torch.float64)
+    summed = all_reduce(local)
+    return {key: float(summed[i] / summed[-1]) for i, key in enumerate(metrics)}
+
+
 def rollout_metrics(rollout: Rollout, kl_tokens: Tensor, beta: float) -> Metrics:
     """Reward, KL and length statistics of a scored rollout."""
     assert rollout.scores is not None and rollout.advantages is not None
@@ -332,8 +485,12 @@ def _accumulate_gradients(
     sums: dict[str, Tensor] = {}
     for start in range(0, len(minibatch), rows):
         part = minibatch.select(slice(start, start + rows))
-        loss, metrics = blocks.objective(blocks.policy, part, beta)
-        if torch.isfinite(loss):
+        loss, metrics = blocks.objective(blocks.scorer or blocks.policy, part, beta)
+        # A non-finite loss is still backpropagated (except when stepping inside
+        # backward): its NaN gradients make the step be skipped, on every process
+        # alike once gradients are synchronised, and no process waits forever
+        # for another's backward.
+        if not optimisation.step_in_backward or bool(torch.isfinite(loss)):
             blocks.backward(loss / steps)
         for key, value in metrics.items():
             sums[key] = sums.get(key, torch.zeros(())) + value.float().cpu() / steps

@@ -11,6 +11,7 @@ r"""PPOObjective: the loss of one minibatch, and its metrics.
 Computing the loss changes nothing: β comes in as an argument, metrics go out.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, final, runtime_checkable
@@ -62,6 +63,12 @@ class PPOObjective:
         aggregate: how per-token losses become a scalar.
         autocast_dtype: run the policy's forward under autocast (e.g. bf16);
             the loss itself is float32.
+
+    Raises:
+        ValueError: ``clip_eps`` or ``value_clip_eps`` not a finite number > 0,
+            ``dual_clip`` not a finite number > 1, a coefficient negative or not
+            finite; when called, β negative or not finite.
+        TypeError: ``aggregate`` is not callable.
     """
 
     clip_eps: float = 0.2
@@ -74,16 +81,37 @@ class PPOObjective:
     autocast_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        if not self.clip_eps > 0:
-            raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
+        # Checked here, so that a bad setting fails when the objective is built,
+        # not at the first minibatch after a whole rollout.
+        for name in ("clip_eps", "value_clip_eps"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if self.dual_clip is not None and not (
+            self.dual_clip > 1 and math.isfinite(self.dual_clip)
+        ):
+            raise ValueError(f"dual_clip must be a finite number > 1 or None, got {self.dual_clip}")
         for name in ("value_coef", "entropy_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not callable(self.aggregate):
+            raise TypeError(
+                f"aggregate must be a function (loss, mask) -> scalar, got {self.aggregate!r}"
+            )
 
     def __call__(
         self, policy: Scorer, minibatch: Rollout, beta: float
     ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
-        """The loss of ``minibatch`` under ``policy`` (with gradient) and detached metrics."""
+        """The loss of ``minibatch`` under ``policy`` (with gradient) and detached metrics.
+
+        Raises:
+            ValueError: β is negative or not finite (a negative β would pay the
+                policy for moving away from π_ref when the KL is in the loss), or
+                the minibatch lacks a field an enabled term needs.
+        """
+        if not (math.isfinite(float(beta)) and float(beta) >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {float(beta)}")
         mask = minibatch.response_mask
         advantages = _need(minibatch.advantages, "advantages")
         out = policy.score(

@@ -11,6 +11,8 @@ same positions as the same text alone, in sampling and in scoring alike.
 """
 
 import copy
+import math
+import numbers
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -47,12 +49,27 @@ def position_ids_from_mask(mask: Bool[Tensor, "B L"]) -> Int[Tensor, "B L"]:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _check_ids(model: nn.Module, ids: Tensor) -> None:
+    """Token ids inside the model's embedding (checked on the CPU only: no host sync)."""
+    get = getattr(model, "get_input_embeddings", None)
+    rows = getattr(get(), "num_embeddings", None) if callable(get) else None
+    if ids.device.type != "cpu" or not isinstance(rows, int) or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        raise ValueError(
+            f"the rollout holds token ids from {low} to {high}, but the model's embedding has "
+            f"{rows} rows: the rollout was made with another tokenizer or model"
+        )
+
+
 def _response_forward(
     model: nn.Module, rollout: Rollout, *, output_hidden_states: bool = False
 ) -> Any:
     """One forward whose ``logits`` (and last hidden states) align with the response tokens."""
     length = rollout.response_ids.shape[1]
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids[:, :-1]], dim=1)
+    _check_ids(model, ids)
     # Tokens after EOS get attention 1: they only ever look backwards, so they
     # cannot change a real token's output, and keeping them avoids all-masked rows.
     mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.response_mask[:, :-1])], dim=1)
@@ -66,14 +83,70 @@ def _response_forward(
     )
 
 
+# Causal LMs whose logits are exactly ``get_output_embeddings()(last hidden state)``:
+# no logit scaling or soft-capping, so the output layer can be fused into the logprobs.
+_PLAIN_HEAD_MODELS = frozenset(
+    {
+        "GPT2LMHeadModel",
+        "GPTNeoXForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    }
+)
+
+
+def _plain_output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder (to the last, normalised hidden state) and the output layer of
+    a causal LM in :data:`_PLAIN_HEAD_MODELS` (under peft too), or None."""
+    get_base = getattr(model, "get_base_model", None)  # a peft model: the LM inside
+    lm = get_base() if callable(get_base) else model
+    if type(lm).__name__ not in _PLAIN_HEAD_MODELS:
+        return None
+    head = lm.get_output_embeddings()  # type: ignore[operator]
+    decoder = getattr(lm, "base_model", None)
+    if type(head) is not nn.Linear or not isinstance(decoder, nn.Module) or decoder is lm:
+        return None  # e.g. a LoRA adapter on the output layer: the model's own forward
+    return decoder, head
+
+
+def _response_hidden(decoder: nn.Module, rollout: Rollout) -> Tensor:
+    """The last hidden states that predict the response tokens (see :func:`_response_forward`)."""
+    length = rollout.response_ids.shape[1]
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids[:, :-1]], dim=1)
+    _check_ids(decoder, ids)
+    mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.response_mask[:, :-1])], dim=1)
+    out = decoder(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=position_ids_from_mask(mask),
+        use_cache=False,
+    )
+    hidden: Tensor = out.last_hidden_state[:, -length:]
+    return hidden
+
+
 def _check_prompts(prompts: Sequence[str]) -> None:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, got a single str")
+    if not isinstance(prompts, Sequence):
+        raise TypeError(
+            "prompts must be a sequence of strings (a list or tuple), "
+            f"got a {type(prompts).__name__}"
+        )
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can encode it
+            raise ValueError(
+                f"prompts[{i}] is not valid Unicode: {error.reason} at position "
+                f"{error.start}; fix the text (e.g. decode its bytes with errors='replace')"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -99,6 +172,13 @@ class Policy(nn.Module):
         tokenizer: its tokenizer; without a pad token the EOS token pads.
         value_head: add a linear value head on the last hidden state, initialised
             to zero (so early values are 0 and cannot mislead the advantages).
+        fused_head: score tokens from the last hidden states with the output
+            layer fused into the logprob computation, in chunks
+            (:func:`kltune.functional.logprobs_from_hidden`), so that no
+            [B, T, V] logits tensor is ever held; used for architectures whose
+            logits are exactly the output layer of the last hidden state
+            (Llama-family, GPT-2, Qwen, Mistral, GPT-NeoX) and not with an
+            entropy bonus. False: always the model's own forward.
     """
 
     def __init__(
@@ -107,8 +187,10 @@ class Policy(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         *,
         value_head: bool = False,
+        fused_head: bool = True,
     ) -> None:
         super().__init__()
+        self.fused_head = fused_head
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one")
         self.model = model
@@ -116,6 +198,15 @@ class Policy(nn.Module):
         self.model.eval()
         embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
         hidden = int(embeddings.embedding_dim)
+        rows = getattr(embeddings, "num_embeddings", None)
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            token = getattr(tokenizer, name)
+            if isinstance(rows, int) and token is not None and not 0 <= int(token) < rows:
+                raise ValueError(
+                    f"the tokenizer's {name} is {token} but the model's embedding has {rows} "
+                    "rows; after adding tokens to the tokenizer, call "
+                    "model.resize_token_embeddings(len(tokenizer))"
+                )
         self.value_head: nn.Linear | None = None
         if value_head:
             param = next(model.parameters())
@@ -158,11 +249,22 @@ class Policy(nn.Module):
         An empty prompt becomes the BOS token (or EOS when there is no BOS), the
         start of a document, so that the model has something to condition on.
 
+        Any ``str`` that is valid Unicode is accepted (control characters, NUL,
+        emoji): it is the tokenizer's to encode. Special-token strings in the text
+        (``"<|im_start|>"``, an EOS string) become those special tokens, as the
+        tokenizer parses them: chat templates rely on it.
+
         Raises:
-            ValueError: an empty list, or a prompt whose tokens plus
-                ``max_new_tokens`` exceed the model's context, naming the prompt.
-            TypeError: a non-string prompt.
+            ValueError: an empty list, a prompt that is not valid Unicode (a lone
+                surrogate), a prompt whose tokens plus ``max_new_tokens`` exceed
+                the model's context, or a token id outside the model's embedding,
+                naming the prompt; ``max_new_tokens`` < 0.
+            TypeError: prompts not a sequence of str, or ``max_new_tokens`` not an int.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         _check_prompts(prompts)
         start = self.tokenizer.bos_token_id
         start = self.tokenizer.eos_token_id if start is None else start
@@ -181,6 +283,15 @@ class Policy(nn.Module):
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = True
+        embeddings: Any = self.model.get_input_embeddings()
+        rows_in_model = getattr(embeddings, "num_embeddings", None)
+        if isinstance(rows_in_model, int) and int(ids.max()) >= rows_in_model:  # CPU: no sync
+            i = int((ids >= rows_in_model).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"prompts[{i}] encodes to token id {int(ids[i].max())}, outside the model's "
+                f"embedding of {rows_in_model} rows: the tokenizer does not match the model "
+                "(call model.resize_token_embeddings(len(tokenizer)) after adding tokens)"
+            )
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
@@ -215,7 +326,7 @@ class Policy(nn.Module):
             top_p: nucleus sampling mass in (0, 1] (None: all).
             completions_per_prompt: G; rows of one prompt are contiguous.
             generator: the source of randomness (same seed, same completions);
-                must live on the model's device.
+                on the CPU or on the model's device.
             autocast_dtype: run the model under CPU/GPU autocast in this dtype
                 (e.g. ``torch.bfloat16``); logprobs are float32 either way.
 
@@ -224,15 +335,26 @@ class Policy(nn.Module):
             head) filled.
 
         Raises:
-            ValueError: empty prompts, a prompt too long for the context,
-                ``max_new_tokens`` < 1, bad temperature/top_k/top_p/G.
+            ValueError: empty prompts, a prompt too long for the context or not
+                valid Unicode, ``max_new_tokens`` < 1, a temperature that is not
+                a finite number > 0, ``top_k`` < 1, ``top_p`` outside (0, 1], G < 1.
+            TypeError: ``max_new_tokens``, ``top_k`` or G is not an int.
         """
+        for name, count in (
+            ("max_new_tokens", max_new_tokens),
+            ("top_k", 1 if top_k is None else top_k),
+            ("completions_per_prompt", completions_per_prompt),
+        ):
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(count).__name__} {count!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if completions_per_prompt < 1:
             raise ValueError(f"completions_per_prompt must be >= 1, got {completions_per_prompt}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not math.isfinite(temperature):
+            raise ValueError(f"temperature must be finite, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -353,6 +475,23 @@ class Policy(nn.Module):
             autocast_dtype: run the model under autocast in this dtype; the
                 logprobs and values are float32 either way.
         """
+        head = (
+            _plain_output_layer(self.model) if self.fused_head and not entropy_with_grad else None
+        )
+        if head is not None:
+            decoder, output_layer = head
+            with self._autocast(autocast_dtype):
+                hidden = _response_hidden(decoder, rollout)
+            hidden = hidden.to(output_layer.weight.dtype)
+            logprobs, entropy = KF.logprobs_from_hidden(
+                hidden,
+                output_layer.weight,
+                rollout.response_ids,
+                rollout.temperature,
+                bias=output_layer.bias,
+            )
+            values = None if self.value_head is None else self._values(hidden)
+            return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
         with self._autocast(autocast_dtype):
             out = _response_forward(
                 self.model, rollout, output_hidden_states=self.value_head is not None
@@ -366,6 +505,19 @@ class Policy(nn.Module):
             length = rollout.response_ids.shape[1]
             values = self._values(out.hidden_states[-1][:, -length:])
         return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
+
+    def forward(
+        self,
+        rollout: Rollout,
+        *,
+        entropy_with_grad: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> PolicyOutput:
+        """:meth:`score` as the module's forward, so that a wrapped policy (DDP,
+        FSDP, DeepSpeed) scores through the wrapper and its gradients synchronise."""
+        return self.score(
+            rollout, entropy_with_grad=entropy_with_grad, autocast_dtype=autocast_dtype
+        )
 
 
 def _next_token_logprobs(logits: Float[Tensor, "B V"], temperature: float) -> Float[Tensor, "B V"]:
@@ -416,7 +568,10 @@ def _draw(
     total = cdf[:, -1:]
     if not bool((total > 0).all()):
         raise FloatingPointError("a next-token distribution has no mass (all logits −inf or NaN)")
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    # Drawn where the generator lives (a CPU generator also drives a GPU model).
+    device = generator.device if generator is not None else cdf.device
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=device, dtype=cdf.dtype)
+    u = u.to(cdf.device)
     # The first index whose cumulative mass exceeds u·total: P(i) = p_i / total,
     # and a token of probability 0 (flat cdf) is never the first to exceed it.
     token = torch.searchsorted(cdf, u * total, right=True)
@@ -437,6 +592,17 @@ class Reference(Protocol):
 
 
 def _reference_logprobs(model: nn.Module, rollout: Rollout) -> Tensor:
+    head = _plain_output_layer(model)
+    if head is not None:  # no [B, T, V] logits held, as in Policy.score
+        decoder, output_layer = head
+        hidden = _response_hidden(decoder, rollout).to(output_layer.weight.dtype)
+        return KF.logprobs_from_hidden(
+            hidden,
+            output_layer.weight,
+            rollout.response_ids,
+            rollout.temperature,
+            bias=output_layer.bias,
+        )[0]
     logits = _response_forward(model, rollout).logits
     return KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
 

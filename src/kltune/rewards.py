@@ -18,6 +18,11 @@ Combinators take reward functions and return one, as optax's ``chain`` does:
 through :func:`score_completions`, which checks its output (length, type,
 finite values) and names the culprit when something is wrong.
 
+The shipped text rewards take any Python ``str`` (control characters, NUL,
+emoji, even a lone surrogate) and, called directly, check their texts as
+:func:`score_completions` does, except that an empty batch gives an empty
+tensor. :class:`ClassifierReward` refuses text its tokenizer cannot encode.
+
 Around the scores: :class:`RunningNormalizer` (running mean and standard
 deviation as immutable state) and :func:`missing_eos_penalty` (a fixed score
 for completions cut off by the length limit).
@@ -87,10 +92,19 @@ def _preview(text: str) -> str:
     return repr(text if len(text) <= _PREVIEW_CHARS else text[:_PREVIEW_CHARS] + "…")
 
 
-def _check_texts(prompts: Sequence[str], completions: Sequence[str]) -> None:
+def _check_texts(
+    prompts: Sequence[str], completions: Sequence[str], *, allow_empty: bool = False
+) -> None:
     for name, texts in (("prompts", prompts), ("completions", completions)):
         if isinstance(texts, (str, bytes)):
-            raise TypeError(f"{name} must be a sequence of strings, got a single {type(texts)}")
+            raise TypeError(
+                f"{name} must be a sequence of strings, got a single {type(texts).__name__}"
+            )
+        if not isinstance(texts, Sequence):
+            raise TypeError(
+                f"{name} must be a sequence of strings (a list or tuple), "
+                f"got a {type(texts).__name__}"
+            )
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}")
@@ -99,8 +113,20 @@ def _check_texts(prompts: Sequence[str], completions: Sequence[str]) -> None:
             f"got {len(prompts)} prompts but {len(completions)} completions; "
             "pass one prompt per completion (repeat a prompt for each of its completions)"
         )
-    if len(completions) == 0:
+    if len(completions) == 0 and not allow_empty:
         raise ValueError("cannot score an empty batch (no completions)")
+
+
+def _check_utf8(texts: Sequence[str]) -> None:
+    """Raise for a str a tokenizer cannot encode (a lone surrogate, e.g. from a bad decode)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"text {i} ({_preview(text)}) is not valid Unicode: {error.reason} at "
+                f"position {error.start}; a tokenizer cannot encode it"
+            ) from None
 
 
 def _number_to_float(x: object, index: int, name: str) -> float:
@@ -221,6 +247,9 @@ def score_completions(
 
 
 def _texts(prompts: Sequence[str], completions: Sequence[str], include_prompt: bool) -> list[str]:
+    # Called directly, a shipped reward checks its texts as score_completions does,
+    # except that an empty batch gives no scores.
+    _check_texts(prompts, completions, allow_empty=True)
     # A completion continues its prompt token for token, so the full text is the plain
     # concatenation: no separator is added.
     if include_prompt:
@@ -482,6 +511,7 @@ class ClassifierReward:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Float[Tensor, " B"]:
         texts = _texts(prompts, completions, self.include_prompt)
+        _check_utf8(texts)
         index, max_length = self._label_index(), self._max_length()
         device = self.model.device
         chunks = [torch.zeros(0)]
@@ -536,7 +566,8 @@ class LengthReward:
             raise ValueError(f"target_words must be >= 1 or None, got {self.target_words}")
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Float[Tensor, " B"]:
-        words = torch.tensor([len(_words(c)) for c in completions], dtype=torch.float32)
+        texts = _texts(prompts, completions, False)
+        words = torch.tensor([len(_words(c)) for c in texts], dtype=torch.float32)
         if self.target_words is None:
             return words
         # 0 - x, not -x: a completion at the target scores +0.0, not -0.0
@@ -579,7 +610,8 @@ class RepetitionPenalty:
         return len(set(grams)) / len(grams) - 1.0
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Float[Tensor, " B"]:
-        return torch.tensor([self._score(c) for c in completions], dtype=torch.float32)
+        texts = _texts(prompts, completions, False)
+        return torch.tensor([self._score(c) for c in texts], dtype=torch.float32)
 
 
 @final

@@ -5,7 +5,9 @@ response tokens (right padded).
 """
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -29,6 +31,30 @@ def _check(field: str, tensor: Tensor, shape: tuple[int, ...], kind: str) -> Non
     }[kind]
     if not ok:
         raise ValueError(f"Rollout.{field} must be a {kind} tensor, got dtype {tensor.dtype}")
+
+
+def _check_texts(rollout: "Rollout") -> None:
+    for name in ("prompts", "completions"):
+        texts = getattr(rollout, name)
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+            raise TypeError(
+                f"Rollout.{name} must be a tuple of strings, one per row, "
+                f"got a {type(texts).__name__}"
+            )
+
+
+def _check_response_mask(mask: Tensor) -> None:
+    """Every row a non-empty prefix: True from the first token, no True after a False."""
+    starts = mask[:, 0].all()
+    holes = (mask[:, 1:] & ~mask[:, :-1]).any()
+    starts_ok, has_holes = torch.stack([starts, holes]).tolist()  # one host sync for both
+    if not starts_ok:
+        raise ValueError("every response must start with a real token (response_mask[:, 0])")
+    if has_holes:
+        raise ValueError(
+            "response_mask must be right padded: True on a prefix of each row (the "
+            "response up to its EOS), never True again after a False"
+        )
 
 
 @final
@@ -60,6 +86,14 @@ class Rollout:
         rewards: per-token shaped rewards.
         advantages: per-token advantages.
         returns: per-token value targets.
+
+    Raises:
+        ValueError: (on construction, and so on every ``replace``) an empty
+            batch, T = 0, a field of the wrong shape or dtype, texts not one per
+            row, a temperature that is not a finite number > 0, or a
+            ``response_mask`` that is not right padded with at least one real
+            token per row.
+        TypeError: ``prompts`` or ``completions`` is a single string.
     """
 
     prompt_ids: Int[Tensor, "B P"]
@@ -80,6 +114,10 @@ class Rollout:
     returns: Float[Tensor, "B T"] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("prompt_ids", "response_ids"):
+            ids = getattr(self, name)
+            if ids.dim() != 2:
+                raise ValueError(f"Rollout.{name} must have shape [B, L], got {tuple(ids.shape)}")
         batch, prompt_len = self.prompt_ids.shape[0], self.prompt_ids.shape[-1]
         length = self.response_ids.shape[-1]
         if batch == 0:
@@ -98,13 +136,17 @@ class Rollout:
         _check("ended", self.ended, (batch,), "bool")
         if self.scores is not None:
             _check("scores", self.scores, (batch,), "float")
+        _check_texts(self)
         if len(self.prompts) != batch or len(self.completions) != batch:
             raise ValueError(
                 f"Rollout has {batch} rows but {len(self.prompts)} prompts and "
                 f"{len(self.completions)} completions"
             )
-        if not bool(self.response_mask[:, 0].all()):
-            raise ValueError("every response must start with a real token (response_mask[:, 0])")
+        if not (isinstance(self.temperature, numbers.Real) and self.temperature > 0):
+            raise ValueError(f"Rollout.temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"Rollout.temperature must be finite, got {self.temperature}")
+        _check_response_mask(self.response_mask)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -118,15 +160,21 @@ class Rollout:
 
         Raises:
             ValueError: ``index`` is a boolean mask or a float tensor (a bool mask's
-                ``tolist()`` would silently select rows 0 and 1).
+                ``tolist()`` would silently select rows 0 and 1), or selects no row.
+            IndexError: an index outside ``[0, len(self))``.
         """
         if isinstance(index, Tensor) and (index.is_floating_point() or index.dtype == torch.bool):
             raise ValueError(
                 f"select needs a slice or an integer index tensor, got dtype {index.dtype}; "
                 "for a boolean mask pass mask.nonzero().squeeze(-1)"
             )
-        rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
-        take = torch.as_tensor(list(rows), dtype=torch.long, device=self.prompt_ids.device)
+        rows = list(range(len(self))[index] if isinstance(index, slice) else index.tolist())
+        outside = [i for i in rows if not 0 <= i < len(self)]
+        if outside:  # rows is a host list already, so this costs no device sync
+            raise IndexError(
+                f"select index {outside[0]} is out of range for a Rollout of {len(self)} rows"
+            )
+        take = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
         changes: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -223,15 +271,29 @@ class RolloutBuffer:
     def __len__(self) -> int:
         return len(self.rollout)
 
-    def whitened(self, shift_mean: bool = True) -> "RolloutBuffer":
+    def whitened(
+        self,
+        shift_mean: bool = True,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> "RolloutBuffer":
         """The buffer with advantages whitened over all real tokens of the whole buffer.
+
+        Args:
+            shift_mean: subtract the mean (False: only rescale).
+            all_reduce: in a data-parallel run, sums a tensor over processes, so
+                that the mean and variance are those of every process's tokens
+                (what one process holding the whole batch would compute).
 
         Raises:
             ValueError: the rollout has no advantages yet.
         """
-        if self.rollout.advantages is None:
+        advantages, mask = self.rollout.advantages, self.rollout.response_mask
+        if advantages is None:
             raise ValueError("whitened() needs advantages; run a Baseline first")
-        whitened = KF.masked_whiten(self.rollout.advantages, self.rollout.response_mask, shift_mean)
+        if all_reduce is None:
+            whitened = KF.masked_whiten(advantages, mask, shift_mean)
+        else:
+            whitened = _whiten_over_processes(advantages, mask, shift_mean, all_reduce)
         return RolloutBuffer(self.rollout.replace(advantages=whitened))
 
     def minibatches(
@@ -246,8 +308,12 @@ class RolloutBuffer:
             ValueError: ``minibatch_size`` < 1, larger than the buffer, or not a
                 divisor of its size (unequal minibatches would weigh rows unequally);
                 ``epochs`` < 1.
+            TypeError: ``minibatch_size`` or ``epochs`` is not an int.
         """
         # Checked here, not inside the generator, so that a bad size fails at the call.
+        for name, value in (("minibatch_size", minibatch_size), ("epochs", epochs)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         size = len(self)
         if minibatch_size < 1 or minibatch_size > size:
             raise ValueError(
@@ -269,3 +335,20 @@ class RolloutBuffer:
             order = torch.randperm(len(self), generator=generator)
             for start in range(0, len(self), minibatch_size):
                 yield self.rollout.select(order[start : start + minibatch_size])
+
+
+def _whiten_over_processes(
+    x: Tensor, mask: Tensor, shift_mean: bool, all_reduce: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """:func:`kltune.functional.masked_whiten` with statistics summed over processes
+    (two passes: the mean, then the squared deviations from it)."""
+    x64 = x.double()
+    total, count = all_reduce(torch.stack([KF.masked_sum(x64, mask), mask.sum().double()]))
+    if count == 0:
+        raise ValueError("no real token to whiten over, on any process")
+    mean = total / count
+    variance = all_reduce(KF.masked_sum((x64 - mean) ** 2, mask)) / count
+    out = (x64 - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out.to(x.dtype).masked_fill(~mask, 0.0)

@@ -19,6 +19,9 @@ from kltune.functional._advantages import (
 from kltune.functional._advantages import (
     rloo_advantages as rloo_advantages,
 )
+from kltune.functional._head import (
+    logprobs_from_hidden as logprobs_from_hidden,
+)
 from kltune.functional._kl import (
     kl_exact as kl_exact,
 )
@@ -101,6 +104,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_k3_st",
+    "logprobs_from_hidden",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

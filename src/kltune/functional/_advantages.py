@@ -2,7 +2,9 @@
 
 Episodes end at the last real response token of each row: there is no state
 after it, so every value past it is 0 (no bootstrap). Padding never enters a
-result: rewards and values under the mask are replaced by 0 before use.
+result: rewards and values under the mask are replaced by 0 before use. A row
+with no real token is an empty episode: its returns and advantages are all 0.
+Empty batches (B = 0 or T = 0) give empty results.
 """
 
 import einops
@@ -11,6 +13,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kltune.functional._checks import (
+    check_finite,
+    check_floating,
     check_group_size,
     check_mask,
     check_nonempty_batch,
@@ -20,6 +24,13 @@ from kltune.functional._checks import (
 
 def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _check_tokens(mask: Tensor, **tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        check_rank(tensor, 2, name=name, axes="B T")
+        check_floating(**{name: tensor})
+        check_mask(mask, tensor, like_name=name)
 
 
 def _check_discount(gamma: float, lam: float = 1.0) -> None:
@@ -43,7 +54,11 @@ def reward_to_go(
         gamma: discount γ in [0, 1].
 
     Returns:
-        Returns-to-go, 0 at masked positions.
+        Returns-to-go, 0 at masked positions (all 0 on a row with no real token).
+
+    Raises:
+        ValueError: ``rewards`` is not a floating [B, T] tensor, ``mask`` is
+            not a bool tensor of its shape, or γ is outside [0, 1].
 
     Example:
         >>> r = torch.tensor([[0.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
@@ -52,9 +67,11 @@ def reward_to_go(
         tensor([[0.2500, 0.5000, 1.0000],
                 [2.0000, 2.0000, 0.0000]])
     """
-    check_mask(mask, rewards, like_name="rewards")
+    _check_tokens(mask, rewards=rewards)
     _check_discount(gamma)
     rewards = _zero_padding(rewards, mask)
+    if rewards.shape[1] == 0:
+        return rewards
     running = torch.zeros_like(rewards[:, 0])
     out = []
     for t in reversed(range(rewards.shape[1])):
@@ -89,8 +106,13 @@ def gae(
             one-step TD error.
 
     Returns:
-        ``(advantages, returns)``, both 0 at masked positions. Returns are the
-        value-function targets.
+        ``(advantages, returns)``, both 0 at masked positions (all 0 on a row
+        with no real token). Returns are the value-function targets. Mixed float
+        dtypes are promoted as torch promotes them.
+
+    Raises:
+        ValueError: ``rewards`` or ``values`` is not a floating [B, T] tensor,
+            ``mask`` is not a bool tensor of their shape, or γ or λ is outside [0, 1].
 
     References:
         Schulman et al., "High-Dimensional Continuous Control Using Generalized
@@ -108,11 +130,13 @@ def gae(
         tensor([[1., 1., 1.],
                 [1., 1., 0.]])
     """
-    check_mask(mask, rewards, like_name="rewards")
-    check_mask(mask, values, like_name="values")
+    _check_tokens(mask, rewards=rewards, values=values)
     _check_discount(gamma, lam)
     rewards = _zero_padding(rewards, mask)
     values = _zero_padding(values, mask)
+    if rewards.shape[1] == 0:
+        empty = rewards + values  # the promoted dtype, as below
+        return empty, empty.clone()
     real = mask.to(values.dtype)
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
@@ -128,6 +152,7 @@ def gae(
 
 def _grouped(scores: Tensor, group_size: int) -> Tensor:
     check_rank(scores, 1, name="scores", axes="B")
+    check_floating(scores=scores)
     check_nonempty_batch(scores, name="scores")
     check_group_size(scores.shape[0], group_size)
     return einops.rearrange(scores, "(N G) -> N G", G=group_size)
@@ -148,7 +173,13 @@ def rloo_advantages(scores: Float[Tensor, " B"], group_size: int) -> Float[Tenso
         group_size: G ≥ 2, completions per prompt.
 
     Returns:
-        Advantages; they sum to 0 within each group.
+        Advantages; they sum to 0 within each group. A NaN score makes its whole
+        group NaN (validate scores first, as :func:`kltune.rewards.score_completions` does).
+
+    Raises:
+        ValueError: ``scores`` is not a non-empty floating [B] tensor, G < 2,
+            or B is not a multiple of G.
+        TypeError: ``group_size`` is not an int.
 
     References:
         Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style
@@ -180,7 +211,16 @@ def grpo_advantages(
         group_size: G ≥ 2.
         scale: divide by the group's std; False keeps only the centring (as Dr.
             GRPO recommends, to avoid favouring groups with tiny spread).
-        eps: added to the std.
+        eps: added to the std, >= 0.
+
+    Returns:
+        Advantages. A group whose scores are all equal gets advantages 0 (0/0,
+        NaN, with ``scale`` and ``eps = 0``).
+
+    Raises:
+        ValueError: ``scores`` is not a non-empty floating [B] tensor, G < 2,
+            B is not a multiple of G, or ``eps`` is negative or not finite.
+        TypeError: ``group_size`` is not an int.
 
     References:
         Shao et al., "DeepSeekMath", 2024, https://arxiv.org/abs/2402.03300;
@@ -191,6 +231,9 @@ def grpo_advantages(
         >>> grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), group_size=3)
         tensor([-1.0000,  0.0000,  1.0000,  0.0000,  0.0000,  0.0000])
     """
+    check_finite(eps, name="eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     groups = _grouped(scores, group_size)
     centred = groups - groups.mean(-1, keepdim=True)
     if scale:

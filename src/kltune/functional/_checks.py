@@ -6,6 +6,9 @@ torch. jaxtyping checks the same annotations during the tests; these checks run
 for users too.
 """
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -39,6 +42,12 @@ def check_floating(**tensors: Tensor) -> None:
             raise ValueError(f"{name} must be a floating tensor, got dtype {tensor.dtype}")
 
 
+def check_integer_dtype(tensor: Tensor, *, name: str) -> None:
+    """Raise unless ``tensor`` holds integers (ids or indices), not floats or bools."""
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (token ids), got dtype {tensor.dtype}")
+
+
 def check_rank(tensor: Tensor, rank: int, *, name: str, axes: str) -> None:
     """Raise unless ``tensor`` has ``rank`` dimensions (named by ``axes``, e.g. "B T")."""
     if tensor.dim() != rank:
@@ -67,8 +76,36 @@ def check_positive(value: float, *, name: str) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def check_finite(value: float, *, name: str) -> None:
+    """Raise unless ``value`` is finite (not NaN, not ±inf)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_count(value: object, *, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int; raise unless it is an integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_dim(tensor: Tensor, dim: int | None, *, name: str = "x") -> None:
+    """Raise unless ``dim`` is None or a valid axis of ``tensor``."""
+    if dim is not None and not -max(tensor.dim(), 1) <= dim < max(tensor.dim(), 1):
+        raise ValueError(
+            f"dim={dim} is out of range for {name} of shape {tuple(tensor.shape)} "
+            f"({tensor.dim()} dims)"
+        )
+
+
 def check_group_size(batch: int, group_size: int) -> None:
     """Raise unless a batch of ``batch`` rows splits into groups of ``group_size`` >= 2."""
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise TypeError(
+            f"group_size must be an int, got {type(group_size).__name__} {group_size!r}"
+        )
     if group_size < 2:
         raise ValueError(
             f"group_size must be >= 2 (several completions per prompt), got {group_size}; "

@@ -26,16 +26,18 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from kltune.functional._checks import (
+    check_finite,
     check_floating,
     check_mask,
-    check_positive,
     check_rank,
     check_rows_nonempty,
     check_same_shape,
 )
-from kltune.functional._logprobs import DEFAULT_CHUNK_TOKENS, _row_chunks, _scaled
+from kltune.functional._logprobs import DEFAULT_CHUNK_TOKENS, _check_logits, _row_chunks, _scaled
 
 
+# Mixed float dtypes (float32 with float64) are promoted as torch promotes them; the
+# estimators are elementwise, so a batch of any shape, empty included, maps to its like.
 def _log_ratio(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     check_floating(logprobs=logprobs, ref_logprobs=ref_logprobs)
     check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
@@ -161,7 +163,11 @@ def kl_exact(
 
     with both distributions ``softmax(logits / temperature)``. No sampling noise
     and ≥ 0, at the price of both full logit tensors. Computed in float32 chunks
-    (float64 for float64 logits).
+    (float64 for float64 logits); an empty batch gives an empty result.
+
+    Raises:
+        ValueError: the logits are not floating [B, T, V] tensors of one shape
+            with V >= 1, τ is not a finite number > 0, or ``chunk_tokens`` < 1.
 
     Example:
         >>> logits = torch.zeros(2, 3, 2)
@@ -170,9 +176,9 @@ def kl_exact(
         tensor([[0.0000, 0.0000, 0.0000],
                 [0.1201, 0.1201, 0.1201]])
     """
-    check_rank(logits, 3, name="logits", axes="B T V")
+    _check_logits(logits, temperature, chunk_tokens)
+    check_floating(ref_logits=ref_logits)
     check_same_shape(logits=logits, ref_logits=ref_logits)
-    check_positive(temperature, name="temperature")
     flat = logits.reshape(-1, logits.shape[-1])
     flat_ref = ref_logits.reshape(-1, ref_logits.shape[-1])
     pieces = []
@@ -205,10 +211,13 @@ def shaped_rewards(
         beta: KL coefficient β ≥ 0.
 
     Returns:
-        Per-token rewards, 0 at masked positions.
+        Per-token rewards, 0 at masked positions, in the dtype of ``kl``
+        (``scores`` is cast to it). An empty batch (B = 0) gives an empty result.
 
     Raises:
-        ValueError: shapes disagree, a row has no real token, or β < 0.
+        ValueError: ``scores`` or ``kl`` is not floating, shapes disagree, a row
+            has no real token (there is no last token to carry the score), or β
+            is negative or not finite.
 
     Example:
         >>> scores = torch.tensor([1.0, -1.0])
@@ -218,13 +227,18 @@ def shaped_rewards(
         tensor([[-0.0500, -0.1000,  0.8500],
                 [-0.2000, -1.2500,  0.0000]])
     """
+    check_floating(scores=scores, kl=kl)
+    check_rank(kl, 2, name="kl", axes="B T")
     check_mask(mask, kl, like_name="kl")
     check_rank(scores, 1, name="scores", axes="B")
     if scores.shape[0] != kl.shape[0]:
         raise ValueError(f"scores has {scores.shape[0]} entries but kl has {kl.shape[0]} rows")
+    check_finite(float(beta), name="beta")
     if float(beta) < 0:
         raise ValueError(f"beta must be >= 0, got {float(beta)}")
     check_rows_nonempty(mask)
+    if kl.shape[0] == 0:
+        return torch.zeros_like(kl)
     last = mask.long().cumsum(-1).argmax(-1, keepdim=True)  # index of the last True
     rewards = torch.where(mask, -beta * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     return rewards.scatter_add(-1, last, scores[:, None].to(kl.dtype))

@@ -11,7 +11,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kltune.functional._checks import check_positive, check_rank
+from kltune.functional._checks import (
+    check_count,
+    check_floating,
+    check_integer_dtype,
+    check_positive,
+    check_rank,
+)
 
 #: Rows of the flattened [B·T, V] logits processed per chunk: 2048 rows of a
 #: 50k vocabulary is ~400 MB of float32, a bound a laptop can afford.
@@ -19,8 +25,40 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 
 def _row_chunks(flat: Tensor, chunk_tokens: int) -> list[tuple[int, int]]:
-    step = max(1, chunk_tokens)
-    return [(i, min(i + step, flat.shape[0])) for i in range(0, flat.shape[0], step)]
+    # An empty batch is one empty chunk, so the caller's torch.cat has something to join.
+    step = chunk_tokens
+    return [(i, min(i + step, flat.shape[0])) for i in range(0, flat.shape[0], step)] or [(0, 0)]
+
+
+def _check_logits(
+    logits: Tensor, temperature: float, chunk_tokens: int, name: str = "logits"
+) -> None:
+    """The checks every function of logits shares: [B, T, V] floats, V >= 1, τ > 0."""
+    check_rank(logits, 3, name=name, axes="B T V")
+    check_floating(**{name: logits})
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary axis (shape {tuple(logits.shape)})")
+    check_positive(temperature, name="temperature")
+    check_count(chunk_tokens, name="chunk_tokens")
+
+
+def _check_tokens(tokens: Tensor, logits: Tensor) -> None:
+    check_integer_dtype(tokens, name="tokens")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)} but logits has shape "
+            f"{tuple(logits.shape)}; expected tokens of shape {tuple(logits.shape[:2])}"
+        )
+    # Only on the CPU, where it costs no host sync; on an accelerator torch's own
+    # device-side assert reports an out-of-range index instead.
+    vocab = logits.shape[-1]
+    if tokens.device.type == "cpu" and tokens.numel() > 0:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"tokens must be ids in [0, {vocab}) (the vocabulary of logits), got ids "
+                f"from {low} to {high}"
+            )
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
@@ -53,10 +91,15 @@ def logprobs_from_logits(
 
     Returns:
         Float32 logprobs, one per token (the loss is computed in float32 even
-        for bf16 models); float64 for float64 logits.
+        for bf16 models); float64 for float64 logits. An empty batch (B = 0 or
+        T = 0) gives an empty result.
 
     Raises:
-        ValueError: shapes disagree or τ <= 0.
+        ValueError: ``logits`` is not a floating [B, T, V] tensor with V >= 1,
+            ``tokens`` is not an integer tensor of shape [B, T], τ is not a
+            finite number > 0, ``chunk_tokens`` < 1, or (for CPU tensors) a
+            token lies outside [0, V).
+        TypeError: ``chunk_tokens`` is not an int.
 
     Example:
         >>> logits = torch.tensor([[[0.0, 0.0], [0.0, 2.0], [1.0, 1.0]]] * 2)
@@ -65,13 +108,8 @@ def logprobs_from_logits(
         tensor([[-0.6931, -0.1269, -0.6931],
                 [-0.6931, -2.1269, -0.6931]])
     """
-    check_rank(logits, 3, name="logits", axes="B T V")
-    if tokens.shape != logits.shape[:2]:
-        raise ValueError(
-            f"tokens has shape {tuple(tokens.shape)} but logits has shape "
-            f"{tuple(logits.shape)}; expected tokens of shape {tuple(logits.shape[:2])}"
-        )
-    check_positive(temperature, name="temperature")
+    _check_logits(logits, temperature, chunk_tokens)
+    _check_tokens(tokens, logits)
     flat = logits.reshape(-1, logits.shape[-1])
     flat_tokens = tokens.reshape(-1, 1)
     pieces = []
@@ -99,7 +137,13 @@ def entropy_from_logits(
         chunk_tokens: rows of ``B·T`` handled per chunk.
 
     Returns:
-        Float32 entropies in nats, one per position (float64 for float64 logits).
+        Float32 entropies in nats, one per position (float64 for float64 logits);
+        empty for an empty batch.
+
+    Raises:
+        ValueError: ``logits`` is not a floating [B, T, V] tensor with V >= 1,
+            τ is not a finite number > 0, or ``chunk_tokens`` < 1.
+        TypeError: ``chunk_tokens`` is not an int.
 
     Example:
         >>> logits = torch.zeros(2, 3, 4)
@@ -107,8 +151,7 @@ def entropy_from_logits(
         tensor([[1.3863, 1.3863, 1.3863],
                 [1.3863, 1.3863, 1.3863]])
     """
-    check_rank(logits, 3, name="logits", axes="B T V")
-    check_positive(temperature, name="temperature")
+    _check_logits(logits, temperature, chunk_tokens)
     flat = logits.reshape(-1, logits.shape[-1])
     pieces = []
     for start, stop in _row_chunks(flat, chunk_tokens):

@@ -4,7 +4,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kltune.functional._checks import check_mask
+from kltune.functional._checks import check_dim, check_floating, check_mask
 
 
 def masked_sum(
@@ -24,10 +24,12 @@ def masked_sum(
         dim: reduce this axis only; ``None`` reduces every axis.
 
     Returns:
-        A scalar, or ``x`` with axis ``dim`` removed.
+        A scalar, or ``x`` with axis ``dim`` removed. With no real position (an
+        all-False mask, or an empty tensor) the sum is 0, the empty sum.
 
     Raises:
-        ValueError: ``mask`` is not bool or its shape differs from ``x``.
+        ValueError: ``x`` is not floating, ``mask`` is not bool or its shape
+            differs from ``x``, or ``dim`` is not an axis of ``x``.
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -37,7 +39,9 @@ def masked_sum(
         >>> masked_sum(x, m, dim=1)
         tensor([3., 4.])
     """
+    check_floating(x=x)
     check_mask(mask, x)
+    check_dim(x, dim)
     kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return kept.sum() if dim is None else kept.sum(dim=dim)
 
@@ -60,8 +64,9 @@ def masked_mean(
         no real position has mean 0 (a fully padded row does not poison the batch).
 
     Raises:
-        ValueError: ``mask`` is not bool, shapes differ, or (with ``dim=None``)
-            the mask selects no position at all.
+        ValueError: ``x`` is not floating, ``mask`` is not bool, shapes differ,
+            ``dim`` is not an axis of ``x``, or (with ``dim=None``) the mask
+            selects no position at all (an empty batch included).
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -97,10 +102,12 @@ def masked_var(
         unbiased: divide by ``n - 1`` instead of ``n``.
 
     Returns:
-        The variance, a scalar.
+        The variance, a scalar. Rows without a real position simply contribute
+        nothing.
 
     Raises:
-        ValueError: bad mask, no real position, or ``unbiased`` with one position.
+        ValueError: ``x`` not floating, bad mask, no real position (an empty
+            batch included), or ``unbiased`` with one position.
 
     Example:
         >>> x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, 100.0]])
@@ -110,6 +117,7 @@ def masked_var(
     """
     # Zero the padding first: (NaN - mean)² would otherwise send NaN gradients
     # through the mean into the real positions.
+    check_floating(x=x)
     check_mask(mask, x)
     x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     mean = masked_mean(x, mask)
@@ -145,7 +153,12 @@ def masked_whiten(
         eps: added to the variance before the square root.
 
     Returns:
-        ``x`` whitened, same shape; zeros where ``mask`` is False.
+        ``x`` whitened, same shape; zeros where ``mask`` is False (so a row with
+        no real position comes back all zeros, and does not enter the statistics).
+
+    Raises:
+        ValueError: ``x`` not floating, bad mask, or no real position at all
+            (an empty batch included).
 
     Example:
         >>> x = torch.tensor([[1.0, 3.0, 9.0], [5.0, 7.0, 9.0]])
@@ -154,6 +167,7 @@ def masked_whiten(
         tensor([[-1.3416, -0.4472,  0.0000],
                 [ 0.4472,  1.3416,  0.0000]])
     """
+    check_floating(x=x)
     check_mask(mask, x)
     x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))  # as in masked_var
     mean = masked_mean(x, mask)

@@ -7,12 +7,28 @@ from torch import Tensor
 from kltune.functional._checks import (
     check_floating,
     check_mask,
+    check_nonempty_batch,
     check_positive,
     check_rank,
     check_rows_nonempty,
     check_same_shape,
 )
 from kltune.functional._masked import masked_mean, masked_sum, masked_var
+
+
+def _check_loss(loss: Tensor, mask: Tensor) -> None:
+    check_rank(loss, 2, name="loss", axes="B T")
+    check_floating(loss=loss)
+    check_mask(mask, loss, like_name="loss")
+
+
+def _check_pair(mask: Tensor, **tensors: Tensor) -> None:
+    """Aligned floating [B, T] tensors and a bool mask of their shape."""
+    check_floating(**tensors)
+    check_same_shape(**tensors)
+    name, first = next(iter(tensors.items()))
+    check_rank(first, 2, name=name, axes="B T")
+    check_mask(mask, first, like_name=name)
 
 
 def clipped_surrogate_loss(
@@ -41,7 +57,14 @@ def clipped_surrogate_loss(
         dual_clip: c > 1, or None for the standard loss.
 
     Returns:
-        Per-token loss; aggregate with :func:`token_mean` or friends.
+        Per-token loss; aggregate with :func:`token_mean` or friends. Mixed float
+        dtypes are promoted as torch promotes them; an empty batch gives an
+        empty loss (the aggregation then refuses it).
+
+    Raises:
+        ValueError: an input is not floating, shapes differ (a per-sequence
+            ``advantages`` of shape [B] included), ε is not a finite number > 0,
+            or ``dual_clip`` is not > 1.
 
     References:
         Schulman et al., "Proximal Policy Optimization Algorithms", 2017,
@@ -91,6 +114,10 @@ def clipped_value_loss(
 
     Returns:
         Per-token loss.
+
+    Raises:
+        ValueError: an input is not floating, shapes differ, or ``clip_eps`` is
+            not None and not a finite number > 0.
 
     Example:
         >>> v = torch.tensor([[1.0, 0.0, 0.5]])
@@ -147,7 +174,13 @@ def entropy_bonus(entropy: Float[Tensor, "B T"]) -> Float[Tensor, "B T"]:
 def token_mean(loss: Float[Tensor, "B T"], mask: Bool[Tensor, "B T"]) -> Float[Tensor, ""]:
     r"""Mean over every real token of the batch: :math:`\sum m\ell / \sum m`.
 
-    Long completions weigh more (each token counts once). The default.
+    Long completions weigh more (each token counts once). The default. A row
+    with no real token simply contributes nothing.
+
+    Raises:
+        ValueError: ``loss`` is not a floating [B, T] tensor, ``mask`` is not a
+            bool tensor of its shape, or the mask selects no token at all (an
+            empty batch included).
 
     Example:
         >>> loss = torch.tensor([[1.0, 1.0, 1.0], [4.0, 9.0, 9.0]])
@@ -155,6 +188,7 @@ def token_mean(loss: Float[Tensor, "B T"], mask: Bool[Tensor, "B T"]) -> Float[T
         >>> token_mean(loss, mask)
         tensor(1.7500)
     """
+    _check_loss(loss, mask)
     return masked_mean(loss, mask)
 
 
@@ -166,13 +200,19 @@ def sequence_mean(loss: Float[Tensor, "B T"], mask: Bool[Tensor, "B T"]) -> Floa
 
     Every completion weighs the same whatever its length (the original GRPO).
 
+    Raises:
+        ValueError: ``loss`` is not a floating [B, T] tensor, ``mask`` is not a
+            bool tensor of its shape, the batch is empty, or a row has no real
+            token (its mean would be undefined).
+
     Example:
         >>> loss = torch.tensor([[1.0, 1.0, 1.0], [4.0, 9.0, 9.0]])
         >>> mask = torch.tensor([[True, True, True], [True, False, False]])
         >>> sequence_mean(loss, mask)
         tensor(2.5000)
     """
-    check_mask(mask, loss, like_name="loss")
+    _check_loss(loss, mask)
+    check_nonempty_batch(loss, name="loss")
     check_rows_nonempty(mask)
     return masked_mean(loss, mask, dim=1).mean()
 
@@ -181,7 +221,12 @@ def token_sum(loss: Float[Tensor, "B T"], mask: Bool[Tensor, "B T"]) -> Float[Te
     r"""Sum over each sequence's tokens, averaged over sequences: :math:`\frac1B\sum_{i,t} m\ell`.
 
     The REINFORCE sequence loss; its scale does not depend on how the batch is
-    split into minibatches of equal size.
+    split into minibatches of equal size. A row with no real token adds 0 but
+    still counts in :math:`B`.
+
+    Raises:
+        ValueError: ``loss`` is not a floating [B, T] tensor, ``mask`` is not a
+            bool tensor of its shape, or the batch is empty.
 
     Example:
         >>> loss = torch.tensor([[1.0, 1.0, 1.0], [4.0, 9.0, 9.0]])
@@ -189,6 +234,7 @@ def token_sum(loss: Float[Tensor, "B T"], mask: Bool[Tensor, "B T"]) -> Float[Te
         >>> token_sum(loss, mask)
         tensor(3.5000)
     """
+    _check_loss(loss, mask)
     if loss.shape[0] == 0:
         raise ValueError("loss is an empty batch")
     return masked_sum(loss, mask) / loss.shape[0]
@@ -208,12 +254,16 @@ def approx_kl(
     Samples come from π_old (the rollout), so this is the unbiased, non-negative
     k3 estimator with the roles of the two policies as PPO needs them. Detached.
 
+    Raises:
+        ValueError: inputs not floating [B, T] tensors of one shape, a bad mask,
+            or no real token at all.
+
     Example:
         >>> lp = torch.log(torch.tensor([[1.0, 2.0, 0.5]]))
         >>> approx_kl(lp, torch.zeros(1, 3), torch.tensor([[True, True, False]]))
         tensor(0.1534)
     """
-    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
+    _check_pair(mask, logprobs=logprobs, old_logprobs=old_logprobs)
     log_ratio = (logprobs - old_logprobs).detach()
     return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
 
@@ -229,12 +279,16 @@ def clip_fraction(
     .. math::
         \operatorname{mean}_m\, \mathbb{1}\bigl[|\rho_t - 1| > \epsilon\bigr]
 
+    Raises:
+        ValueError: inputs not floating [B, T] tensors of one shape, a bad mask,
+            no real token at all, or ε not a finite number > 0.
+
     Example:
         >>> lp = torch.log(torch.tensor([[1.0, 1.5, 0.5]]))
         >>> clip_fraction(lp, torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool))
         tensor(0.6667)
     """
-    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
+    _check_pair(mask, logprobs=logprobs, old_logprobs=old_logprobs)
     check_positive(clip_eps, name="clip_eps")
     ratio = torch.exp((logprobs - old_logprobs).detach())
     outside = ((ratio - 1.0).abs() > clip_eps).to(ratio.dtype)
@@ -247,13 +301,20 @@ def explained_variance(
     r"""How much of the returns' variance the values explain: :math:`1 - \operatorname{var}(R - V)/\operatorname{var}(R)`.
 
     1 is a perfect value function, 0 no better than a constant, negative worse.
-    NaN when the returns are constant. Detached.
+    NaN when the returns are constant over the real tokens (the ratio is 0/0 or
+    x/0 there). Detached.
+
+    Raises:
+        ValueError: inputs not floating [B, T] tensors of one shape, a bad mask,
+            or no real token at all.
 
     Example:
         >>> r = torch.tensor([[1.0, 2.0, 3.0]])
         >>> explained_variance(r.clone(), r, torch.ones(1, 3, dtype=torch.bool))
         tensor(1.)
     """
-    check_same_shape(values=values, returns=returns)
+    _check_pair(mask, values=values, returns=returns)
     values, returns = values.detach(), returns.detach()
-    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
+    spread = masked_var(returns, mask)
+    explained = 1.0 - masked_var(returns - values, mask) / spread
+    return torch.where(spread > 0, explained, torch.full_like(explained, float("nan")))

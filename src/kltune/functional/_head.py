@@ -1,0 +1,176 @@
+"""Token logprobs straight from hidden states: the vocabulary projection fused in, in chunks.
+
+``logprobs_from_logits(hidden @ Wᵀ, tokens)`` materialises the [N, V] logits
+(V in the tens of thousands) and autograd keeps a float32 copy of their
+log-softmax for backward. :func:`logprobs_from_hidden` computes the same
+numbers a chunk of rows at a time and keeps only ``hidden`` for backward,
+recomputing each chunk's logits there: the memory of the logits drops from
+O(N·V) to O(chunk·V), for one extra ``hidden @ Wᵀ`` in backward.
+"""
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kltune.functional._checks import (
+    check_count,
+    check_floating,
+    check_integer_dtype,
+    check_positive,
+    check_rank,
+)
+
+#: Rows per chunk: 256 rows of a 50k vocabulary is 50 MB of float32.
+DEFAULT_HEAD_CHUNK = 256
+
+
+def _chunk_logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
+) -> Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = logits.to(_loss_dtype(logits.dtype))
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32, float64 stays float64 (as in logprobs_from_logits)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        tokens: Tensor,
+        temperature: float,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        rows = hidden.shape[0]
+        dtype = _loss_dtype(hidden.dtype)
+        logprobs = hidden.new_empty(rows, dtype=dtype)
+        entropy = hidden.new_empty(rows, dtype=dtype)
+        for start in range(0, rows, chunk):
+            z = _chunk_logits(hidden[start : start + chunk], weight, bias, temperature)
+            log_norm = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, tokens[start : start + chunk, None]).squeeze(-1)
+            logprobs[start : start + chunk] = picked - log_norm
+            probs = torch.softmax(z, dim=-1)
+            entropy[start : start + chunk] = log_norm - (probs * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_logprobs: Tensor, _grad_entropy: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        dtype = _loss_dtype(weight.dtype)
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            h = hidden[start:stop]
+            z = _chunk_logits(h, weight, bias, ctx.temperature)
+            g = grad_logprobs[start:stop, None].to(z.dtype)
+            # d logprob / d z = onehot(token) − softmax(z); then the 1/τ of z = logits / τ.
+            grad_z = torch.softmax(z, dim=-1).mul_(-g)
+            grad_z.scatter_add_(-1, tokens[start:stop, None], g)
+            if ctx.temperature != 1.0:
+                grad_z.div_(ctx.temperature)
+            grad_z = grad_z.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_z @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_z.t().to(dtype), h.to(dtype))
+            if grad_bias is not None:
+                grad_bias += grad_z.to(dtype).sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def logprobs_from_hidden(
+    hidden: Float[Tensor, "B T D"],
+    weight: Float[Tensor, "V D"],
+    tokens: Int[Tensor, "B T"],
+    temperature: float = 1.0,
+    bias: Float[Tensor, " V"] | None = None,
+    chunk_tokens: int = DEFAULT_HEAD_CHUNK,
+) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
+    r"""Logprobs of ``tokens`` and entropies under ``softmax((hidden Wᵀ + b) / τ)``, in chunks.
+
+    The same numbers as :func:`logprobs_from_logits` and
+    :func:`entropy_from_logits` on ``hidden @ weight.T + bias`` (the output
+    layer of a causal LM), without ever holding the [B·T, V] logits: each
+    chunk of rows is projected, reduced and dropped, and backward projects it
+    again. Gradients flow to ``hidden``, ``weight`` and ``bias`` through the
+    logprobs; the entropy is detached (for logging).
+
+    Args:
+        hidden: the last hidden states, aligned so that ``hidden[:, t]``
+            predicts ``tokens[:, t]``.
+        weight: the output layer's weight, [V, D].
+        tokens: the tokens whose logprobs are wanted.
+        temperature: τ > 0.
+        bias: the output layer's bias, if any.
+        chunk_tokens: rows of ``B·T`` per chunk.
+
+    Returns:
+        ``(logprobs, entropy)``, [B, T] each, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: shapes that do not fit together, τ <= 0, ``chunk_tokens`` < 1.
+
+    Example:
+        >>> hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+        >>> logprobs, entropy = logprobs_from_hidden(hidden, weight, torch.tensor([[0, 2]]))
+        >>> logprobs
+        tensor([[-0.5514, -1.5514]])
+    """
+    check_rank(hidden, 3, name="hidden", axes="B T D")
+    check_rank(weight, 2, name="weight", axes="V D")
+    check_floating(hidden=hidden, weight=weight)
+    check_positive(temperature, name="temperature")
+    check_count(chunk_tokens, name="chunk_tokens")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} but hidden has width {hidden.shape[-1]}; "
+            "expected weight of shape [V, D] with D the hidden width"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},), one per "
+            "row of weight"
+        )
+    check_integer_dtype(tokens, name="tokens")
+    if tokens.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)} but hidden has shape "
+            f"{tuple(hidden.shape)}; expected tokens of shape {tuple(hidden.shape[:2])} "
+            "(one token per hidden state)"
+        )
+    vocab = weight.shape[0]
+    if tokens.device.type == "cpu" and tokens.numel() > 0:  # no host sync on an accelerator
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"tokens must be ids in [0, {vocab}) (the rows of weight), got ids from "
+                f"{low} to {high}"
+            )
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logprobs, entropy = _HeadLogprobs.apply(
+        flat, weight, bias, tokens.reshape(-1), float(temperature), chunk_tokens
+    )
+    return logprobs.reshape(tokens.shape), entropy.reshape(tokens.shape)
