@@ -141,8 +141,8 @@ def test_gradient_accumulation_matches_one_big_step_for_sequence_sums() -> None:
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_cause(monkeypatch) -> None:
-    # A NaN loss never reaches the weights; K skips in a row stop the run with a reason.
+def _scoring_nan(monkeypatch):
+    """Tiny blocks whose policy scores every token NaN, and its weights before training."""
     blocks, state = tiny_blocks()
     score = blocks.policy.score
 
@@ -151,7 +151,12 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_cause(monkeypatc
         return kltune.PolicyOutput(out.logprobs * float("nan"), out.entropy, out.values)
 
     monkeypatch.setattr(blocks.policy, "score", nan_score)
-    before = copy.deepcopy(blocks.policy.model.state_dict())
+    return blocks, state, copy.deepcopy(blocks.policy.model.state_dict())
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_cause(monkeypatch) -> None:
+    # A NaN loss never reaches the weights; K skips in a row stop the run with a reason.
+    blocks, state, before = _scoring_nan(monkeypatch)
     with pytest.raises(NonFiniteLossError, match="learning rate"):
         _iterate(blocks, state, n=4, optimisation=kltune.Optimisation(max_consecutive_skips=2))
     for key, value in before.items():
@@ -218,15 +223,7 @@ def test_stepping_in_backward_refuses_accumulation_and_clipping() -> None:
 
 
 def test_stepping_in_backward_skips_a_non_finite_loss(monkeypatch) -> None:
-    blocks, state = tiny_blocks()
-    score = blocks.policy.score
-
-    def nan_score(rollout, **kwargs):
-        out = score(rollout, **kwargs)
-        return kltune.PolicyOutput(out.logprobs * float("nan"), out.entropy, out.values)
-
-    monkeypatch.setattr(blocks.policy, "score", nan_score)
-    before = copy.deepcopy(blocks.policy.model.state_dict())
+    blocks, state, before = _scoring_nan(monkeypatch)
     optimisation = kltune.Optimisation(max_grad_norm=None, step_in_backward=True)
     state, _, metrics = _iterate(blocks, state, n=1, optimisation=optimisation)
     assert metrics[0]["policy/skipped_steps"] == 1
