@@ -54,6 +54,13 @@ class _Ranks:
             accelerator=accelerator,
         )
 
+    def share(
+        self, prompts: Sequence[str], per_process: int, iteration: int, seed: int
+    ) -> list[str]:
+        """This process's prompts of the iteration: its slice of every process's."""
+        every = prompts_for_iteration(prompts, per_process * self.world, iteration, seed)
+        return list(every[self.rank * per_process :][:per_process])
+
     def gather(self, items: list[Any]) -> list[Any]:
         """Every process's items, in rank order (a collective: all processes call it)."""
         if self.world == 1:
@@ -207,16 +214,12 @@ def train(
     Returns:
         The final loop state.
     """
-    for name, value in (
-        ("iterations", iterations),
-        ("sample_every", sample_every),
-        ("checkpoint_every", checkpoint_every),
-        ("prompts_per_iteration", prompts_per_iteration),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if prompts_per_iteration < 1:
-        raise ValueError(f"prompts_per_iteration must be >= 1, got {prompts_per_iteration}")
+    _check_counts(
+        iterations=(iterations, 0),
+        sample_every=(sample_every, 0),
+        checkpoint_every=(checkpoint_every, 0),
+        prompts_per_iteration=(prompts_per_iteration, 1),
+    )
     out = Path(out_dir)
     ranks = _Ranks.of(accelerator, is_main_process)
     if accelerator is not None:
@@ -229,7 +232,6 @@ def train(
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     detector = _collapse_detector(reference_texts, collapse_threshold)
-    first = reference_texts is None
     bar = tqdm(
         total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
     )
@@ -238,18 +240,15 @@ def train(
         _open(out / "samples.jsonl", is_main_process) as samples_file,
     ):
         while state.iteration < iterations:
-            every = prompts_for_iteration(
-                prompts, prompts_per_iteration * ranks.world, state.iteration, seed
-            )
-            batch = every[ranks.rank * prompts_per_iteration :][:prompts_per_iteration]
+            batch = ranks.share(prompts, prompts_per_iteration, state.iteration, seed)
             state, rollout, metrics = ppo_iteration(
                 batch, blocks, state, sampling, optimisation, generator
             )
             texts = ranks.gather(list(rollout.completions))
+            if reference_texts is None:  # π_ref's own samples (iteration 0), kept in checkpoints
+                reference_texts = texts
+                detector = _collapse_detector(texts, collapse_threshold)
             diversity = diversity_metrics(texts)
-            if first:  # π_ref's own samples (iteration 0), kept in checkpoints for a resume
-                reference_texts, first = texts, False
-                detector = _collapse_detector(reference_texts, collapse_threshold)
             metrics |= diversity | (detector.metrics(diversity) if detector else {})
             if metrics_file is not None:
                 _write_line(metrics_file, metrics)
@@ -264,6 +263,13 @@ def train(
             _show_progress(bar, metrics)
     bar.close()
     return state
+
+
+def _check_counts(**counts: tuple[int, int]) -> None:
+    """Each ``name=(value, least)``: an int no smaller than ``least``, before anything is written."""
+    for name, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
 def _due(iteration: int, every: int) -> bool:

@@ -20,7 +20,7 @@ import kltune.functional as KF
 from kltune.baselines import Baseline, LearnedBaseline
 from kltune.kl_control import KLController, KLPenalty
 from kltune.objective import PPOObjective, Scorer
-from kltune.policy import Policy, Reference
+from kltune.policy import Policy, Reference, check_sampling
 from kltune.rewards import RewardFn, score_completions
 from kltune.rollout import Rollout, RolloutBuffer
 
@@ -45,16 +45,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         """The checks of :meth:`kltune.Policy.rollout`, when the settings are made."""
-        for name in ("max_new_tokens", "completions_per_prompt"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1] or None, got {self.top_p}")
+        check_sampling(
+            self.max_new_tokens,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.completions_per_prompt,
+        )
 
 
 @final

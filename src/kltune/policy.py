@@ -158,6 +158,42 @@ class _Sampled:
     values: Float[Tensor, "B T"] | None
 
 
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    completions_per_prompt: int,
+) -> None:
+    """Refuse sampling settings :meth:`Policy.rollout` cannot use (also run by
+    :class:`kltune.loop.Sampling` when the settings are made).
+
+    Raises:
+        TypeError: ``max_new_tokens``, ``top_k`` or ``completions_per_prompt`` is not an int.
+        ValueError: ``max_new_tokens`` < 1, a temperature that is not a finite
+            number > 0, ``top_k`` < 1, ``top_p`` outside (0, 1], G < 1.
+    """
+    for name, count in (
+        ("max_new_tokens", max_new_tokens),
+        ("top_k", 1 if top_k is None else top_k),
+        ("completions_per_prompt", completions_per_prompt),
+    ):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(count).__name__} {count!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if completions_per_prompt < 1:
+        raise ValueError(f"completions_per_prompt must be >= 1, got {completions_per_prompt}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or None, got {top_p}")
+
+
 @final
 class Policy(nn.Module):
     """The trainable causal LM: samples completions and scores given tokens.
@@ -340,25 +376,7 @@ class Policy(nn.Module):
                 a finite number > 0, ``top_k`` < 1, ``top_p`` outside (0, 1], G < 1.
             TypeError: ``max_new_tokens``, ``top_k`` or G is not an int.
         """
-        for name, count in (
-            ("max_new_tokens", max_new_tokens),
-            ("top_k", 1 if top_k is None else top_k),
-            ("completions_per_prompt", completions_per_prompt),
-        ):
-            if isinstance(count, bool) or not isinstance(count, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {type(count).__name__} {count!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if completions_per_prompt < 1:
-            raise ValueError(f"completions_per_prompt must be >= 1, got {completions_per_prompt}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not math.isfinite(temperature):
-            raise ValueError(f"temperature must be finite, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1] or None, got {top_p}")
+        check_sampling(max_new_tokens, temperature, top_k, top_p, completions_per_prompt)
         prompt_ids, prompt_mask = self.encode_prompts(prompts, max_new_tokens)
         group = completions_per_prompt
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
@@ -399,57 +417,42 @@ class Policy(nn.Module):
         top_p: float | None,
         generator: torch.Generator | None,
     ) -> _Sampled:
-        batch = prompt_ids.shape[0]
         eos = self.eos_token_id
-        with_values = self.value_head is not None
         mask = prompt_mask.long()
-        positions = position_ids_from_mask(prompt_mask)
+        position = position_ids_from_mask(prompt_mask)
         # Only the last prompt position predicts a token: no [B, P, V] logits for the prompt.
-        out = self.model(
-            input_ids=prompt_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=with_values,
-        )
-        next_position = positions[:, -1:] + 1
-        done = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-        tokens, logprobs, real, values = [], [], [], []
+        out = self._step(prompt_ids, mask, position, cache=None)
+        position = position[:, -1:]
+        done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         for _ in range(max_new_tokens):
             log_p = _next_token_logprobs(out.logits[:, -1], temperature)
             token = _draw(log_p, top_k, top_p, generator)
             chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
             _check_finite(chosen)
-            if with_values:
-                values.append(self._values(out.hidden_states[-1][:, -1]))
-            real.append(~done)
+            value = None if self.value_head is None else self._values(out.hidden_states[-1][:, -1])
             token = token.masked_fill(done, self.pad_token_id)
-            tokens.append(token)
-            logprobs.append(chosen)
+            steps.append((token, chosen, ~done, value))
             if eos is not None:
                 done = done | (token == eos)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=next_position,
-                cache=out.cache,
-                use_cache=True,
-                output_hidden_states=with_values,
-            )
-            next_position = next_position + 1
-        response_mask = torch.stack(real, dim=1)
-        return _Sampled(
-            tokens=torch.stack(tokens, dim=1),
-            logprobs=torch.stack(logprobs, dim=1).masked_fill(~response_mask, 0.0),
-            mask=response_mask,
-            ended=done,
-            values=torch.stack(values, dim=1).masked_fill(~response_mask, 0.0)
-            if with_values
-            else None,
+            position = position + 1
+            out = self._step(token[:, None], mask, position, cache=out.cache)
+        return _stack_steps(steps, done)
+
+    def _step(self, ids: Tensor, mask: Tensor, position: Tensor, cache: Any) -> Any:
+        """One forward of the sampling loop: the last position's logits (and hidden
+        state, with a value head), extending the KV cache."""
+        return self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=self.value_head is not None,
         )
 
     def _values(self, hidden: Float[Tensor, "*B D"]) -> Float[Tensor, "*B"]:
@@ -518,6 +521,25 @@ class Policy(nn.Module):
         return self.score(
             rollout, entropy_with_grad=entropy_with_grad, autocast_dtype=autocast_dtype
         )
+
+
+def _stack_steps(
+    steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], done: Tensor
+) -> _Sampled:
+    """The sampling loop's per-step (token, logprob, real, value) as [B, T] tensors,
+    with logprobs and values 0 after a row's EOS."""
+    tokens, logprobs, real, values = zip(*steps, strict=True)
+    mask = torch.stack(real, dim=1)
+    stacked_values = None
+    if values[0] is not None:
+        stacked_values = torch.stack(values, dim=1).masked_fill(~mask, 0.0)
+    return _Sampled(
+        tokens=torch.stack(tokens, dim=1),
+        logprobs=torch.stack(logprobs, dim=1).masked_fill(~mask, 0.0),
+        mask=mask,
+        ended=done,
+        values=stacked_values,
+    )
 
 
 def _next_token_logprobs(logits: Float[Tensor, "B V"], temperature: float) -> Float[Tensor, "B V"]:
