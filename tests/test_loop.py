@@ -229,3 +229,44 @@ def test_stepping_in_backward_skips_a_non_finite_loss(monkeypatch) -> None:
     assert metrics[0]["policy/skipped_steps"] == 1
     for key, value in before.items():
         assert torch.equal(value, blocks.policy.model.state_dict()[key])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False, amsgrad=True),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),
+    ],
+)
+def test_optimizer_state_allocated_up_front_gives_the_same_updates(make) -> None:
+    from kltune.loop import allocate_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    runs = []
+    for up_front in (False, True):
+        copy_ = copy.deepcopy(model)
+        optimizer = make([*copy_.parameters(), frozen])
+        if up_front:
+            assert allocate_optimizer_state(optimizer)
+            assert frozen not in optimizer.state
+            assert not allocate_optimizer_state(optimizer)  # state exists: left alone
+        for step in range(3):
+            optimizer.zero_grad()
+            copy_(torch.randn(5, 4, generator=torch.Generator().manual_seed(step))).sum().backward()
+            optimizer.step()
+        runs.append((copy_.state_dict(), optimizer.state_dict()))
+    (lazy, lazy_opt), (eager, eager_opt) = runs
+    for key, value in lazy.items():
+        assert torch.equal(eager[key], value), key
+    assert str(lazy_opt) == str(eager_opt)  # same keys, dtypes, devices and values
+
+
+def test_optimizer_state_is_only_allocated_for_adam() -> None:
+    from kltune.loop import allocate_optimizer_state
+
+    sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    assert not allocate_optimizer_state(sgd)
+    assert not sgd.state

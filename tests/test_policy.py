@@ -607,3 +607,49 @@ def test_scoring_token_ids_outside_the_embedding_is_an_error() -> None:
     bad = r.replace(response_ids=r.response_ids.masked_fill(r.response_mask, 10_000))
     with pytest.raises(ValueError, match="embedding has"):
         policy.score(bad)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weight_major_sampling_layout_samples_what_the_plain_layout_samples(arch: str) -> None:
+    """The CPU sampling fast path ((W xᵀ)ᵀ linears) against nn.Linear's own forward."""
+    policy = _policy(arch, eos_bias=EOS_BIAS, value_head=True)
+    assert policy.value_head is not None
+    with torch.no_grad():
+        nn.init.normal_(policy.value_head.weight)
+    kwargs = {"max_new_tokens": 10, "completions_per_prompt": 2}
+    fast = policy.rollout([*PROMPTS, ""], generator=_gen(6), **kwargs)
+    plain_sample = policy._sample
+    policy._sample = lambda *a: _unpatched(policy, plain_sample, *a)  # type: ignore[method-assign]
+    plain = policy.rollout([*PROMPTS, ""], generator=_gen(6), **kwargs)
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    # float32 rounding only (values here are ~10, so 1e-5 is a relative 1e-6)
+    assert _max_gap(fast.old_logprobs, plain.old_logprobs, plain.response_mask) < ATOL
+    assert _max_gap(fast.old_values, plain.old_values, plain.response_mask) < ATOL  # type: ignore[arg-type]
+
+
+def _unpatched(policy: Policy, sample, *args):
+    """Run the sampling loop with every patched layer's own forward back."""
+    patched = [m for m in policy.modules() if "forward" in vars(m)]
+    assert patched and all(type(m) is nn.Linear for m in patched)  # the fast path is on
+    saved = [vars(m).pop("forward") for m in patched]
+    try:
+        return sample(*args)
+    finally:
+        for m, forward in zip(patched, saved, strict=True):
+            m.forward = forward
+
+
+def test_weight_major_layout_leaves_replaced_forwards_and_restores_after_errors() -> None:
+    from kltune.policy import _weight_major_linears
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2, bias=False))
+    hooked = model[1].forward
+    model[1].forward = hooked  # as accelerate's hooks do: an instance attribute
+    x = torch.randn(5, 3)
+    expected = model(x)
+    with pytest.raises(RuntimeError, match="boom"), _weight_major_linears(model):
+        assert "forward" in vars(model[0]) and model[1].forward is hooked
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+        assert model[0](torch.randn(2, 7, 3)).shape == (2, 7, 4)
+        raise RuntimeError("boom")
+    assert "forward" not in vars(model[0]) and model[1].forward is hooked

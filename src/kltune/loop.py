@@ -192,6 +192,46 @@ class LoopState:
 # ── stages ──────────────────────────────────────────────────────────────────
 
 
+def allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Create Adam's or AdamW's moment buffers now, before any activation exists.
+
+    torch creates them at the first step, in the middle of the first backward,
+    where they land between activations that are about to be freed. The memory
+    allocator keeps those holes, and every later iteration's activations come
+    on top: on SmolLM2-135M the peak RSS of each iteration was 400 MB higher
+    (4074 MB against 3673 MB). Created up front, the buffers sit below the
+    activations, whose memory then goes back to the system after each backward.
+
+    The state is what torch would create (zeros and step 0), so the updates are
+    unchanged. Other optimisers, and an optimiser that already has state (a
+    resumed run), are left alone.
+
+    Returns:
+        True if state was created.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: the real one
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or inner.state:
+        return False
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if not param.requires_grad:
+                continue  # never gets a gradient, so torch never gives it state
+            on_device = group["capturable"] or group["fused"]
+            state = inner.state[param]
+            state["step"] = torch.zeros(
+                (),
+                dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                device=param.device if on_device else torch.device("cpu"),
+            )
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return True
+
+
 def collect_rollout(
     policy: Policy, prompts: Sequence[str], sampling: Sampling, generator: torch.Generator
 ) -> Rollout:
@@ -364,6 +404,9 @@ def ppo_iteration(
     generator: torch.Generator,
 ) -> tuple[LoopState, Rollout, Metrics]:
     """One PPO iteration: sample, score, shape with KL, advantages, optimise, update β."""
+    allocate_optimizer_state(blocks.optimizer)
+    if blocks.value_fit is not None:
+        allocate_optimizer_state(blocks.value_fit.optimizer)
     beta = state.controller.beta
     rollout = collect_rollout(blocks.policy, prompts, sampling, generator)
     rollout = score_reference(blocks.reference, rollout)

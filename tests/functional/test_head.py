@@ -91,3 +91,29 @@ def test_a_bias_of_the_wrong_length_is_named() -> None:
             torch.zeros(1, 2, dtype=torch.long),
             bias=torch.zeros(3),
         )
+
+
+def test_logprobs_without_entropy_are_the_same_logprobs() -> None:
+    from kltune.functional._head import head_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=generator)
+    weight = torch.randn(11, 8, generator=generator)
+    tokens = torch.randint(0, 11, (2, 5), generator=generator)
+    full, entropy = KF.logprobs_from_hidden(hidden, weight, tokens, 0.7, chunk_tokens=3)
+    alone, none = head_logprobs(hidden, weight, tokens, 0.7, chunk_tokens=3, with_entropy=False)
+    assert none is None and entropy.shape == full.shape
+    assert torch.equal(alone, full)
+
+
+@pytest.mark.parametrize("chunk", [2, 4096])  # softmax recomputed / kept from forward
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(chunk: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 9, (2, 3), generator=generator)
+    logprobs, _ = KF.logprobs_from_hidden(hidden, weight, tokens, chunk_tokens=chunk)
+    first = torch.autograd.grad(logprobs.sum(), [hidden, weight], retain_graph=True)
+    second = torch.autograd.grad(logprobs.sum(), [hidden, weight])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
