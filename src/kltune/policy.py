@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kltune.functional as KF
+from kltune._lean import lean_activations
 from kltune.functional._head import head_logprobs
 from kltune.rollout import Rollout
 
@@ -471,7 +472,9 @@ class Policy(nn.Module):
         """Logprobs (with gradient), entropy and values of the rollout's response tokens.
 
         Uses the rollout's temperature, so these logprobs and the behaviour
-        logprobs belong to the same distribution.
+        logprobs belong to the same distribution. Llama-family RMSNorms and
+        SwiGLU MLPs keep fewer activations for backward while scoring
+        (recomputing two elementwise intermediates; see ``kltune._lean``).
 
         Args:
             rollout: prompts and responses to score.
@@ -485,7 +488,7 @@ class Policy(nn.Module):
         )
         if head is not None:
             decoder, output_layer = head
-            with self._autocast(autocast_dtype):
+            with self._autocast(autocast_dtype), lean_activations(self.model):
                 hidden = _response_hidden(decoder, rollout)
             hidden = hidden.to(output_layer.weight.dtype)
             logprobs, entropy = KF.logprobs_from_hidden(
@@ -497,7 +500,7 @@ class Policy(nn.Module):
             )
             values = None if self.value_head is None else self._values(hidden)
             return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
-        with self._autocast(autocast_dtype):
+        with self._autocast(autocast_dtype), lean_activations(self.model):
             out = _response_forward(
                 self.model, rollout, output_hidden_states=self.value_head is not None
             )

@@ -1,0 +1,111 @@
+"""Fewer saved activations for Llama-family decoders while the policy is scored with gradient.
+
+Autograd keeps every intermediate an elementwise op needs for backward. In a
+Llama-family layer two of them are cheap to recompute and large to keep:
+
+- RMSNorm keeps its input *and* the normalised input (``x · rsqrt(mean x² + ε)``,
+  one hidden-width tensor per norm, two norms a layer);
+- the SwiGLU MLP keeps ``gate``, ``up`` *and* ``silu(gate)`` (three
+  intermediate-width tensors; ``silu(gate)`` is one ``sigmoid`` away from ``gate``).
+
+:func:`lean_activations` swaps those modules' forwards, for a while, for two
+autograd functions that compute the same forward and keep only the input and
+the normaliser (RMSNorm) or ``gate`` and ``up`` (SwiGLU), recomputing the rest in
+backward. On SmolLM2-135M at 16 × 42 tokens this keeps 210 MB less (saved
+activations 947 → 737 MB) for a few elementwise ops in backward.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: Modules computing ``weight * (x · rsqrt(mean(x²) + variance_epsilon))`` in float32.
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+#: Modules computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
+_GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+_SILUS = frozenset({"SiLU", "SiLUActivation"})
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = x.to(torch.float32)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(torch.float32) * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            product = grad * normed.to(x.dtype)
+            grad_weight = product.reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).to(torch.float32)
+            # d/dx of x·r(x) with r = (mean x² + ε)^-½: r·(g − x̂·mean(g·x̂))
+            mean = (grad_normed * normed).mean(-1, keepdim=True)
+            grad_x = (rstd * (grad_normed - normed * mean)).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        gate, up = ctx.saved_tensors
+        sigmoid = torch.sigmoid(gate)
+        grad_up = grad * gate * sigmoid
+        # silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+        grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
+        return grad_gate, grad_up
+
+
+def _rms_norm_forward(self: Any, x: Tensor) -> Tensor:
+    out: Tensor = _RMSNorm.apply(x, self.weight, float(self.variance_epsilon))
+    return out
+
+
+def _gated_mlp_forward(self: Any, x: Tensor) -> Tensor:
+    out: Tensor = self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    return out
+
+
+def _lean_forward(module: nn.Module) -> Any:
+    name = type(module).__name__
+    if "forward" in vars(module):
+        return None  # already replaced (e.g. by accelerate's hooks): left alone
+    if name in _RMS_NORMS:
+        return _rms_norm_forward
+    if name in _GATED_MLPS and type(getattr(module, "act_fn", None)).__name__ in _SILUS:
+        return _gated_mlp_forward
+    return None
+
+
+@contextmanager
+def lean_activations(model: nn.Module) -> Iterator[int]:
+    """Run ``model``'s RMSNorms and SwiGLU MLPs (Llama, Mistral, Qwen2, Qwen3)
+    with the lean autograd functions above; other modules are untouched.
+
+    Yields the number of modules swapped (0 for other architectures).
+    """
+    swapped = []
+    for module in model.modules():
+        forward = _lean_forward(module)
+        if forward is not None:
+            module.forward = forward.__get__(module)
+            swapped.append(module)
+    try:
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            del module.forward
