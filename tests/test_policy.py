@@ -640,16 +640,26 @@ def _unpatched(policy: Policy, sample, *args):
 
 
 def test_weight_major_layout_leaves_replaced_forwards_and_restores_after_errors() -> None:
-    from kltune.policy import _weight_major_linears
+    from kltune._forwards import weight_major_linears
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2, bias=False))
     hooked = model[1].forward
     model[1].forward = hooked  # as accelerate's hooks do: an instance attribute
     x = torch.randn(5, 3)
     expected = model(x)
-    with pytest.raises(RuntimeError, match="boom"), _weight_major_linears(model):
+    with pytest.raises(RuntimeError, match="boom"), weight_major_linears(model):
         assert "forward" in vars(model[0]) and model[1].forward is hooked
         torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
         assert model[0](torch.randn(2, 7, 3)).shape == (2, 7, 4)
         raise RuntimeError("boom")
     assert "forward" not in vars(model[0]) and model[1].forward is hooked
+
+
+def test_sampling_runs_one_forward_per_drawn_token() -> None:
+    # The prompt pass draws the first token; no forward for a token never drawn.
+    policy = _policy()
+    calls = []
+    step = policy._step
+    policy._step = lambda *a, **k: calls.append(1) or step(*a, **k)  # type: ignore[method-assign]
+    r = policy.rollout(PROMPTS, max_new_tokens=5, generator=_gen())
+    assert r.response_ids.shape[1] == 5 and len(calls) == 5

@@ -13,9 +13,8 @@ same positions as the same text alone, in sampling and in scoring alike.
 import copy
 import math
 import numbers
-import types
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, final, runtime_checkable
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kltune.functional as KF
-from kltune._lean import lean_activations
+from kltune._forwards import lean_activations, weight_major_linears
 from kltune.functional._head import head_logprobs
 from kltune.rollout import Rollout
 
@@ -384,7 +383,7 @@ class Policy(nn.Module):
         group = completions_per_prompt
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        with self._autocast(autocast_dtype), _weight_major_linears(self):
+        with self._autocast(autocast_dtype), weight_major_linears(self):
             sampled = self._sample(
                 prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, generator
             )
@@ -438,8 +437,8 @@ class Policy(nn.Module):
             steps.append((token, chosen, ~done, value))
             if eos is not None:
                 done = done | (token == eos)
-            if bool(done.all()):
-                break
+            if bool(done.all()) or len(steps) == max_new_tokens:
+                break  # (no forward for a token that will not be drawn)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
             out = self._step(token[:, None], mask, position, cache=out.cache)
@@ -474,7 +473,7 @@ class Policy(nn.Module):
         Uses the rollout's temperature, so these logprobs and the behaviour
         logprobs belong to the same distribution. Llama-family RMSNorms and
         SwiGLU MLPs keep fewer activations for backward while scoring
-        (recomputing two elementwise intermediates; see ``kltune._lean``).
+        (recomputing two elementwise intermediates; see ``kltune._forwards``).
 
         Args:
             rollout: prompts and responses to score.
@@ -526,41 +525,6 @@ class Policy(nn.Module):
         return self.score(
             rollout, entropy_with_grad=entropy_with_grad, autocast_dtype=autocast_dtype
         )
-
-
-def _weight_major_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    """``nn.Linear.forward`` computed as ``(W @ xᵀ)ᵀ``: the same products, another GEMM layout."""
-    flat = x.reshape(-1, x.shape[-1])
-    y = torch.mm(self.weight, flat.t()).t()
-    if self.bias is not None:
-        y = y + self.bias
-    return y.reshape(*x.shape[:-1], y.shape[-1]).contiguous()
-
-
-@contextmanager
-def _weight_major_linears(module: nn.Module) -> Iterator[None]:
-    """On a CPU, run the module's ``nn.Linear`` layers as ``(W @ xᵀ)ᵀ`` for a while.
-
-    Sampling multiplies each weight by a few rows (one token per completion).
-    CPU BLAS is faster with the big weight as the left operand: at 16 rows,
-    1.3–1.4× on SmolLM2's MLP and 1.7× on its 49k-row output layer, which is
-    1.4 s of a 7.3 s rollout of 16 × 32 tokens. The result is the same up to
-    float32 summation order (bit-identical with this machine's MKL). Layers
-    whose ``forward`` is already replaced (e.g. by accelerate's hooks) are left
-    as they are, and so is everything off the CPU, where cuBLAS picks the layout.
-    """
-    patched = [
-        m
-        for m in module.modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in vars(m)
-    ]
-    for linear in patched:
-        linear.forward = types.MethodType(_weight_major_forward, linear)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for linear in patched:
-            del linear.forward
 
 
 def _stack_steps(

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kltune
-from kltune._lean import _RMSNorm, _SwiGLU, lean_activations
+from kltune._forwards import _RMSNorm, _SwiGLU, lean_activations
 
 
 @settings(deadline=None, max_examples=30)

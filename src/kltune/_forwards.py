@@ -1,22 +1,35 @@
-"""Fewer saved activations for Llama-family decoders while the policy is scored with gradient.
+"""Module forwards swapped for a while: the fast paths that need no change to the model.
 
-Autograd keeps every intermediate an elementwise op needs for backward. In a
-Llama-family layer two of them are cheap to recompute and large to keep:
+Each swap sets a module's ``forward`` as an instance attribute and deletes it
+afterwards; a module whose ``forward`` is already an instance attribute (for
+instance accelerate's hooks) is left alone.
+
+**Sampling: weight-major linear layers.** Sampling multiplies each weight by a
+few rows (one token per completion). CPU BLAS is faster with the big weight as
+the left operand, ``(W @ xᵀ)ᵀ``: at 16 rows, 1.3–1.4× on SmolLM2's MLP and
+1.7× on its 49k-row output layer, 1.4 s of a 7.3 s rollout of 16 × 32 tokens.
+The result is the same up to float32 summation order (bit-identical with this
+machine's MKL). Only on a CPU: cuBLAS picks its own layout.
+
+**Scoring: fewer saved activations.** Autograd keeps every intermediate an
+elementwise op needs for backward. In a Llama-family layer two of them are
+cheap to recompute and large to keep:
 
 - RMSNorm keeps its input *and* the normalised input (``x · rsqrt(mean x² + ε)``,
   one hidden-width tensor per norm, two norms a layer);
 - the SwiGLU MLP keeps ``gate``, ``up`` *and* ``silu(gate)`` (three
   intermediate-width tensors; ``silu(gate)`` is one ``sigmoid`` away from ``gate``).
 
-:func:`lean_activations` swaps those modules' forwards, for a while, for two
+:func:`lean_activations` swaps those modules' forwards for two
 autograd functions that compute the same forward and keep only the input and
 the normaliser (RMSNorm) or ``gate`` and ``up`` (SwiGLU), recomputing the rest in
-backward. On SmolLM2-135M at 16 × 42 tokens this keeps 210 MB less (saved
-activations 947 → 737 MB) for a few elementwise ops in backward.
+backward. On SmolLM2-135M at 16 × 42 tokens this keeps 213 MB less (saved
+activations 947 → 734 MB) for a few elementwise ops in backward.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import types
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -80,10 +93,8 @@ def _gated_mlp_forward(self: Any, x: Tensor) -> Tensor:
     return out
 
 
-def _lean_forward(module: nn.Module) -> Any:
+def _lean_forward(module: nn.Module) -> Callable[..., Tensor] | None:
     name = type(module).__name__
-    if "forward" in vars(module):
-        return None  # already replaced (e.g. by accelerate's hooks): left alone
     if name in _RMS_NORMS:
         return _rms_norm_forward
     if name in _GATED_MLPS and type(getattr(module, "act_fn", None)).__name__ in _SILUS:
@@ -91,21 +102,51 @@ def _lean_forward(module: nn.Module) -> Any:
     return None
 
 
-@contextmanager
-def lean_activations(model: nn.Module) -> Iterator[int]:
-    """Run ``model``'s RMSNorms and SwiGLU MLPs (Llama, Mistral, Qwen2, Qwen3)
-    with the lean autograd functions above; other modules are untouched.
+def _weight_major_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """``nn.Linear.forward`` computed as ``(W @ xᵀ)ᵀ``: the same products, another GEMM layout."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.mm(self.weight, flat.t()).t()
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], y.shape[-1]).contiguous()
 
-    Yields the number of modules swapped (0 for other architectures).
-    """
+
+def _weight_major(module: nn.Module) -> Callable[..., Tensor] | None:
+    if type(module) is nn.Linear and module.weight.device.type == "cpu":
+        return _weight_major_forward
+    return None
+
+
+@contextmanager
+def _swapped(
+    model: nn.Module, choose: Callable[[nn.Module], Callable[..., Tensor] | None]
+) -> Iterator[int]:
+    """Give each module the forward ``choose`` returns for it (None: its own) for a while."""
     swapped = []
     for module in model.modules():
-        forward = _lean_forward(module)
+        forward = None if "forward" in vars(module) else choose(module)
         if forward is not None:
-            module.forward = forward.__get__(module)
+            module.forward = types.MethodType(forward, module)
             swapped.append(module)
     try:
         yield len(swapped)
     finally:
         for module in swapped:
             del module.forward
+
+
+def lean_activations(model: nn.Module) -> AbstractContextManager[int]:
+    """Run ``model``'s RMSNorms and SwiGLU MLPs (Llama, Mistral, Qwen2, Qwen3)
+    with the lean autograd functions above; other modules are untouched.
+
+    Yields the number of modules swapped (0 for other architectures).
+    """
+    return _swapped(model, _lean_forward)
+
+
+def weight_major_linears(model: nn.Module) -> AbstractContextManager[int]:
+    """Run ``model``'s ``nn.Linear`` layers on a CPU as ``(W @ xᵀ)ᵀ`` (for sampling).
+
+    Yields the number of layers swapped.
+    """
+    return _swapped(model, _weight_major)
