@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kltune.functional as KF
 from kltune._forwards import lean_activations, weight_major_linears
-from kltune.functional._head import head_logprobs
+from kltune.functional._head import logprobs_only_from_hidden
 from kltune.rollout import Rollout
 
 
@@ -622,14 +622,13 @@ def _reference_logprobs(model: nn.Module, rollout: Rollout) -> Tensor:
     if head is not None:  # no [B, T, V] logits held, as in Policy.score
         decoder, output_layer = head
         hidden = _response_hidden(decoder, rollout).to(output_layer.weight.dtype)
-        return head_logprobs(
+        return logprobs_only_from_hidden(
             hidden,
             output_layer.weight,
             rollout.response_ids,
             rollout.temperature,
-            bias=output_layer.bias,
-            with_entropy=False,
-        )[0]
+            output_layer.bias,
+        )
     logits = _response_forward(model, rollout).logits
     return KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
 

@@ -94,16 +94,18 @@ def test_a_bias_of_the_wrong_length_is_named() -> None:
 
 
 def test_logprobs_without_entropy_are_the_same_logprobs() -> None:
-    from kltune.functional._head import head_logprobs
+    from kltune.functional._head import logprobs_only_from_hidden
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 5, 8, generator=generator)
     weight = torch.randn(11, 8, generator=generator)
     tokens = torch.randint(0, 11, (2, 5), generator=generator)
-    full, entropy = KF.logprobs_from_hidden(hidden, weight, tokens, 0.7, chunk_tokens=3)
-    alone, none = head_logprobs(hidden, weight, tokens, 0.7, chunk_tokens=3, with_entropy=False)
-    assert none is None and entropy.shape == full.shape
+    full, entropy = KF.logprobs_from_hidden(hidden, weight, tokens, 0.7)
+    alone = logprobs_only_from_hidden(hidden, weight, tokens, 0.7, None)
+    assert entropy.shape == full.shape
     assert torch.equal(alone, full)
+    with pytest.raises(ValueError, match="tokens must be ids"):  # checked like the public one
+        logprobs_only_from_hidden(hidden, weight, tokens + 11, 0.7, None)
 
 
 @pytest.mark.parametrize("chunk", [2, 4096])  # softmax recomputed / kept from forward

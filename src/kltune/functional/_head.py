@@ -166,23 +166,28 @@ def logprobs_from_hidden(
         >>> logprobs
         tensor([[-0.5514, -1.5514]])
     """
-    logprobs, entropy = head_logprobs(hidden, weight, tokens, temperature, bias, chunk_tokens)
-    assert entropy is not None
-    return logprobs, entropy
+    return _apply(hidden, weight, tokens, temperature, bias, chunk_tokens, with_entropy=True)
 
 
-def head_logprobs(
-    hidden: Float[Tensor, "B T D"],
-    weight: Float[Tensor, "V D"],
-    tokens: Int[Tensor, "B T"],
-    temperature: float = 1.0,
-    bias: Float[Tensor, " V"] | None = None,
-    chunk_tokens: int = DEFAULT_HEAD_CHUNK,
-    *,
-    with_entropy: bool = True,
-) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"] | None]:
-    """:func:`logprobs_from_hidden`, whose entropy (a softmax over every chunk) can
-    be skipped when only the logprobs are wanted (the reference's)."""
+def logprobs_only_from_hidden(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, bias: Tensor | None
+) -> Float[Tensor, "B T"]:
+    """:func:`logprobs_from_hidden` without the entropy (a softmax over every
+    chunk), when only the logprobs are wanted (the reference's)."""
+    logprobs, _ = _apply(hidden, weight, tokens, temperature, bias, DEFAULT_HEAD_CHUNK, False)
+    return logprobs
+
+
+def _apply(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    temperature: float,
+    bias: Tensor | None,
+    chunk_tokens: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor]:
+    """Check the arguments, then run the chunked computation (an empty entropy without it)."""
     check_rank(hidden, 3, name="hidden", axes="B T D")
     check_rank(weight, 2, name="weight", axes="V D")
     check_floating(hidden=hidden, weight=weight)
@@ -217,4 +222,6 @@ def head_logprobs(
     logprobs, entropy = _HeadLogprobs.apply(
         flat, weight, bias, tokens.reshape(-1), float(temperature), chunk_tokens, with_entropy
     )
-    return logprobs.reshape(tokens.shape), entropy.reshape(tokens.shape) if with_entropy else None
+    return logprobs.reshape(tokens.shape), entropy.reshape(
+        tokens.shape
+    ) if with_entropy else entropy
