@@ -36,6 +36,7 @@ def _policy(
     eos_bias: float | None = None,
     value_head: bool = False,
     seed: int = 0,
+    lean_decoding: bool = True,
 ) -> Policy:
     """A tiny random policy; ``scale`` sharpens its logits, ``eos_bias`` makes EOS likelier."""
     model, tokenizer = kltune.tiny_random_model(arch, seed=seed)
@@ -46,7 +47,7 @@ def _policy(
             bias = torch.zeros(head.out_features)
             bias[tokenizer.eos_token_id] = eos_bias
             head.bias = nn.Parameter(bias)
-    return Policy(model, tokenizer, value_head=value_head)
+    return Policy(model, tokenizer, value_head=value_head, lean_decoding=lean_decoding)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -611,8 +612,9 @@ def test_scoring_token_ids_outside_the_embedding_is_an_error() -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_weight_major_sampling_layout_samples_what_the_plain_layout_samples(arch: str) -> None:
-    """The CPU sampling fast path ((W xᵀ)ᵀ linears) against nn.Linear's own forward."""
-    policy = _policy(arch, eos_bias=EOS_BIAS, value_head=True)
+    """The CPU sampling fast path ((W xᵀ)ᵀ linears) against nn.Linear's own forward
+    (for the model's own forward: Llama's lean decoding is tested in test_decoding.py)."""
+    policy = _policy(arch, eos_bias=EOS_BIAS, value_head=True, lean_decoding=False)
     assert policy.value_head is not None
     with torch.no_grad():
         nn.init.normal_(policy.value_head.weight)
