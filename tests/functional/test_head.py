@@ -56,6 +56,22 @@ def test_fused_head_equals_logits_then_logprobs(head, temperature, chunk) -> Non
     for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(fused_grad, plain_grad, atol=1e-10, rtol=1e-10)
 
+    # Without the entropy (the reference's variant; its logits buffer is overwritten in
+    # place), with gradients too: its kept-softmax branch must not alias that buffer.
+    from kltune.functional._head import _apply
+
+    only_inputs = [
+        x.clone().requires_grad_() if x is not None else None for x in (hidden, weight, bias)
+    ]
+    only, _ = _apply(
+        only_inputs[0], only_inputs[1], tokens, temperature, only_inputs[2], chunk, False
+    )
+    torch.testing.assert_close(only, plain, atol=1e-10, rtol=0)
+    for grad, plain_grad in zip(
+        _grads((only * upstream).sum(), only_inputs), plain_grads, strict=True
+    ):
+        torch.testing.assert_close(grad, plain_grad, atol=1e-10, rtol=1e-10)
+
 
 def test_float32_hidden_gives_float32_logprobs_and_gradients() -> None:
     hidden = torch.randn(2, 3, 4, requires_grad=True)

@@ -32,11 +32,36 @@ DEFAULT_HEAD_CHUNK = 256
 
 
 def _chunk_logits(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    temperature: float,
+    out: Tensor | None = None,
 ) -> Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    logits = logits.to(_loss_dtype(logits.dtype))
-    return logits if temperature == 1.0 else logits / temperature
+    """``(hidden Wᵀ + b) / τ`` in the loss dtype, written into ``out`` when given
+    (a buffer reused across chunks: no fresh memory, no page faults, per chunk)."""
+    if out is not None and out.dtype == hidden.dtype == weight.dtype:
+        out = out[: hidden.shape[0]]
+        if bias is None:
+            logits = torch.mm(hidden, weight.t(), out=out)
+        else:
+            logits = torch.addmm(bias, hidden, weight.t(), out=out)
+    else:
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        logits = logits.to(_loss_dtype(logits.dtype))
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _softmax_parts(z: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(exp(z − max z), max z + log Σ exp(z − max z))`` per row: the unnormalised
+    softmax and the log-normaliser, the formulas of ``softmax`` and ``logsumexp``.
+    The exponentials are written into ``out`` (which may be ``z`` itself), else
+    into fresh memory."""
+    top = z.amax(-1, keepdim=True)
+    exps = torch.sub(z, top) if out is None else torch.sub(z, top, out=out[: z.shape[0]])
+    exps = exps.exp_()
+    total = exps.sum(-1, keepdim=True)
+    return exps, (top + total.log()).squeeze(-1)
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,15 +90,25 @@ class _HeadLogprobs(torch.autograd.Function):
         # same peak, one output-layer matmul fewer.
         keep = rows <= 2 * chunk and any(ctx.needs_input_grad[:3])
         kept: list[Tensor | None] = []
+        logits_buffer = hidden.new_empty(min(rows, chunk), weight.shape[0], dtype=dtype)
+        probs_buffer = None if keep or not with_entropy else torch.empty_like(logits_buffer)
         for start in range(0, rows, chunk):
-            z = _chunk_logits(hidden[start : start + chunk], weight, bias, temperature)
-            log_norm = torch.logsumexp(z, dim=-1)
-            picked = z.gather(-1, tokens[start : start + chunk, None]).squeeze(-1)
-            logprobs[start : start + chunk] = picked - log_norm
+            stop = start + chunk
+            z = _chunk_logits(hidden[start:stop], weight, bias, temperature, logits_buffer)
+            picked = z.gather(-1, tokens[start:stop, None]).squeeze(-1)
+            # Kept exponentials need their own memory; otherwise they overwrite the
+            # logits (no entropy wanted) or go to a buffer reused across chunks.
+            if keep:
+                exps, log_norm = _softmax_parts(z)
+            elif with_entropy:
+                exps, log_norm = _softmax_parts(z, probs_buffer)
+            else:
+                exps, log_norm = _softmax_parts(z, z)
+            logprobs[start:stop] = picked - log_norm
             if with_entropy or keep:
-                probs = torch.softmax(z, dim=-1)
+                probs = exps.div_(exps.sum(-1, keepdim=True))
                 if with_entropy:
-                    entropy[start : start + chunk] = log_norm - torch.linalg.vecdot(probs, z)
+                    entropy[start:stop] = log_norm - torch.linalg.vecdot(probs, z)
                 if keep:
                     kept.append(probs)
         ctx.save_for_backward(hidden, weight, bias, tokens)
@@ -89,14 +124,16 @@ class _HeadLogprobs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         dtype = _loss_dtype(weight.dtype)
-        grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
+        grad_weight: Tensor | None = None  # the first chunk's product, then accumulated
         grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias and bias is not None else None
         for index, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             stop = start + ctx.chunk
             h = hidden[start:stop]
             probs = _kept_probs(ctx.kept, index)
-            if probs is None:  # recompute the chunk's softmax
-                probs = torch.softmax(_chunk_logits(h, weight, bias, ctx.temperature), dim=-1)
+            if probs is None:  # recompute the chunk's softmax, in place
+                z = _chunk_logits(h, weight, bias, ctx.temperature)
+                exps, _ = _softmax_parts(z, z)
+                probs = exps.div_(exps.sum(-1, keepdim=True))
             g = grad_logprobs[start:stop, None].to(probs.dtype)
             # d logprob / d z = onehot(token) − softmax(z); then the 1/τ of z = logits / τ.
             grad_z = probs.mul_(-g)
@@ -106,10 +143,14 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_z = grad_z.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_z @ weight
-            if grad_weight is not None:
+            if need_weight and grad_weight is None:
+                grad_weight = grad_z.t().to(dtype) @ h.to(dtype)
+            elif grad_weight is not None:
                 grad_weight.addmm_(grad_z.t().to(dtype), h.to(dtype))
             if grad_bias is not None:
                 grad_bias += grad_z.to(dtype).sum(0)
+        if need_weight and grad_weight is None:  # no rows
+            grad_weight = torch.zeros_like(weight)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
