@@ -137,10 +137,18 @@ def _rms_norm(x: Float[Tensor, "D N"], norm: Any) -> Float[Tensor, "D N"]:
     return normed
 
 
-def _linear(layer: nn.Linear, x: Float[Tensor, "D N"]) -> Float[Tensor, "E N"]:
-    if layer.bias is None:
-        return torch.mm(layer.weight, x)
-    return torch.addmm(layer.bias[:, None], layer.weight, x)
+def _linear(
+    layer: nn.Linear, x: Float[Tensor, "D N"], residual: Float[Tensor, "E N"] | None = None
+) -> Float[Tensor, "E N"]:
+    """``W x (+ b) (+ residual)``, feature-major, the residual added inside the GEMM."""
+    if residual is None:
+        return (
+            torch.mm(layer.weight, x)
+            if layer.bias is None
+            else torch.addmm(layer.bias[:, None], layer.weight, x)
+        )
+    out = torch.addmm(residual, layer.weight, x)
+    return out if layer.bias is None else out.add_(layer.bias[:, None])
 
 
 class LlamaDecoding:
@@ -230,21 +238,24 @@ class LlamaDecoding:
         self.allowed[:, start:end] = valid
         x = self.decoder.embed_tokens.weight[ids.reshape(-1)].t().contiguous()  # [D, B·S]
         cos, sin = self.decoder.rotary_emb(x, positions)  # [B, S, head_dim] each
-        rotary = (cos.permute(2, 0, 1), sin.permute(2, 0, 1))  # [head_dim, B, S]
-        # Additive mask for every layer: a key counts if it is a real token at or
-        # before the query (the model's eager attention uses the same minimum).
+        rotary = _rotary_factors(cos, sin)
+        # Additive mask for every layer and head: a key counts if it is a real token
+        # at or before the query (the model's eager attention uses the same minimum).
+        rows, group = ids.shape[0], self.heads // self.kv_heads
         causal = torch.ones(new, end, dtype=torch.bool, device=x.device).tril(start)
-        allowed = self.allowed[:, None, None, :end] & causal
+        allowed = (self.allowed[:, None, None, None, :end] & causal).expand(
+            rows, self.kv_heads, group, new, end
+        )
         bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        bias.masked_fill_(~allowed, torch.finfo(x.dtype).min)  # [B, 1, S, L]
+        bias = bias.masked_fill_(~allowed, torch.finfo(x.dtype).min).view(-1, group * new, end)
         for index, layer in enumerate(self.decoder.layers):
-            x = x + self._attention(index, layer, _rms_norm(x, layer.input_layernorm), rotary, bias)
+            x = self._attention(index, layer, x, rotary, bias)
             mlp = layer.mlp
             normed = _rms_norm(x, layer.post_attention_layernorm)
             gated = nn.functional.silu(_linear(mlp.gate_proj, normed)).mul_(
                 _linear(mlp.up_proj, normed)
             )
-            x = x + _linear(mlp.down_proj, gated)
+            x = _linear(mlp.down_proj, gated, residual=x)
         self.filled = end
         return _rms_norm(x, self.decoder.norm)
 
@@ -252,43 +263,52 @@ class LlamaDecoding:
         self,
         index: int,
         layer: Any,
-        x: Float[Tensor, "D N"],
+        residual: Float[Tensor, "D N"],
         rotary: tuple[Tensor, Tensor],
-        bias: Float[Tensor, "B 1 S L"],
+        bias: Float[Tensor, "BH GS L"],
     ) -> Float[Tensor, "D N"]:
+        """The residual stream after layer ``index``'s attention block."""
         attention = layer.self_attn
-        rows, _, new, end = bias.shape
+        x = _rms_norm(residual, layer.input_layernorm)
+        flat, _, end = bias.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        group = heads // kv_heads
+        rows, group = flat // kv_heads, heads // kv_heads
+        new = x.shape[1] // rows
         q = _rotate(_linear(attention.q_proj, x).view(heads, dim, rows, new), *rotary)
         k = _rotate(_linear(attention.k_proj, x).view(kv_heads, dim, rows, new), *rotary)
         v = _linear(attention.v_proj, x).view(kv_heads, dim, rows, new)
         start = end - new
         self.keys[index][:, :, :, start:end] = k.permute(2, 0, 1, 3)
         self.values[index][:, :, start:end, :] = v.permute(2, 0, 3, 1)
-        flat = rows * kv_heads
         queries = q.view(kv_heads, group, dim, rows, new).permute(3, 0, 1, 4, 2)
         keys = self.keys[index][:, :, :, :end].reshape(flat, dim, end)
         values = self.values[index][:, :, :end, :].reshape(flat, end, dim)
-        scores = torch.bmm(queries.reshape(flat, group * new, dim), keys)
-        scores = scores.view(rows, kv_heads, group, new, end).mul_(attention.scaling)
-        scores = scores.add_(bias[:, :, None])
+        # bias + scaling · q kᵀ, as the model's eager attention (scaled scores plus mask)
+        scores = torch.baddbmm(
+            bias, queries.reshape(flat, group * new, dim), keys, alpha=attention.scaling
+        )
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-        out = torch.bmm(probs.view(flat, group * new, end), values)
+        out = torch.bmm(probs, values)
         out = out.view(rows, kv_heads, group, new, dim).permute(1, 2, 4, 0, 3)
-        return _linear(attention.o_proj, out.reshape(heads * dim, rows * new))
+        return _linear(attention.o_proj, out.reshape(heads * dim, rows * new), residual=residual)
+
+
+def _rotary_factors(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's rotary ``cos``, ``sin`` ([B, S, d]) as feature-major [d, B, S]
+    factors for :func:`_rotate`, the sign of ``rotate_half`` folded into ``sin``."""
+    half = cos.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos.permute(2, 0, 1), signed.permute(2, 0, 1)
 
 
 def _rotate(
-    x: Float[Tensor, "H d B S"], cos: Float[Tensor, "d B S"], sin: Float[Tensor, "d B S"]
+    x: Float[Tensor, "H d B S"], cos: Float[Tensor, "d B S"], signed_sin: Float[Tensor, "d B S"]
 ) -> Float[Tensor, "H d B S"]:
-    """The rotary embedding ``x·cos + rotate_half(x)·sin`` along the head dimension."""
+    """The rotary embedding ``x·cos + rotate_half(x)·sin``: ``rotate_half(x)`` is
+    ``(−x₂, x₁)``, here ``(x₂, x₁)`` times the sign folded into ``signed_sin``."""
     half = x.shape[1] // 2
-    first, second = x[:, :half], x[:, half:]
-    return torch.cat(
-        [first * cos[:half] - second * sin[:half], second * cos[half:] + first * sin[half:]],
-        dim=1,
-    )
+    swapped = torch.cat([x[:, half:], x[:, :half]], dim=1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _global_pre_hooks() -> bool:
