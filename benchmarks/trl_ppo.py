@@ -409,11 +409,19 @@ def worker(library: str, work: Work, out: Path) -> None:
 # ── the driver: alternate processes, then a table ───────────────────────────
 
 
-def spawn(library: str, work: Work, out: Path, reuse: bool) -> dict[str, Any]:
+#: glibc's environment for what :func:`kltune.loop.keep_freed_memory` sets from inside
+#: kltune's loop: the same allocator behaviour, given to TRL for a side measurement.
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def spawn(
+    library: str, work: Work, out: Path, reuse: bool, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run one worker process (or, with ``reuse``, read a result it already wrote)."""
     if not (reuse and out.exists()):
         fields = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(work).items()]
         env = os.environ | {"OMP_NUM_THREADS": str(work.threads), "TOKENIZERS_PARALLELISM": "false"}
+        env |= extra_env or {}
         subprocess.run(
             [sys.executable, __file__, "worker", library, str(out), *fields], check=True, env=env
         )
@@ -497,13 +505,21 @@ def main(argv: list[str] | None = None) -> None:
         counts[key] = counts.get(key, 0) + 1
         path = args.out / f"{library}-{work.name}-{counts[key]}.json"
         results.setdefault(key, []).append(spawn(library, work, path, args.reuse))
+    # TRL once more with kltune's allocator setting, to show what of the gap is the
+    # allocator (reported apart; the ratios compare both libraries as they come).
+    path = args.out / f"trl-{head.name}-keep-freed-memory.json"
+    same_allocator = spawn("trl", head, path, args.reuse, KEEP_FREED_MEMORY_ENV)
     peak = matmul_peak_gflops(head.threads)
-    report = render(results, peak)
+    report = render(results, peak, same_allocator)
     (args.out / "report.md").write_text(report)
     print(report)
 
 
-def render(results: dict[tuple[str, str], list[dict[str, Any]]], peak_gflops: float) -> str:
+def render(
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+    peak_gflops: float,
+    same_allocator: dict[str, Any] | None = None,
+) -> str:
     import transformers
     import trl
 
@@ -528,6 +544,17 @@ def render(results: dict[tuple[str, str], list[dict[str, Any]]], peak_gflops: fl
                 f"{s['peak_rss_iterations_mb']:.0f} | {ratios} |"
             )
     ours = results[("kltune", "16x32")]
+    if same_allocator is not None:
+        s, k = summarise([same_allocator]), summarise(ours)
+        lines += [
+            "",
+            "TRL with kltune's allocator setting (glibc keeps freed memory: "
+            + ", ".join(f"{n}={v}" for n, v in KEEP_FREED_MEMORY_ENV.items())
+            + f"), 16x32, one process: {s['median_s']:.2f} s/iteration (min {s['min_s']:.2f}, "
+            f"max {s['max_s']:.2f}, n {s['iterations']}), peak RSS {s['peak_rss_mb']:.0f} MB; "
+            f"kltune/TRL with the same setting: time {k['median_s'] / s['median_s']:.2f}, "
+            f"RSS {k['peak_rss_mb'] / s['peak_rss_mb']:.2f}.",
+        ]
     lines += ["", "kltune phases, 16x32:", "", phase_table(ours), "", flops_line(ours, peak_gflops)]
     lines += ["", "TRL phases, 16x32:", "", phase_table(results[("trl", "16x32")])]
     return "\n".join(lines) + "\n"

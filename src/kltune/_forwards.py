@@ -9,7 +9,9 @@ few rows (one token per completion). CPU BLAS is faster with the big weight as
 the left operand, ``(W @ xᵀ)ᵀ``: at 16 rows, 1.3–1.4× on SmolLM2's MLP and
 1.7× on its 49k-row output layer, 1.4 s of a 7.3 s rollout of 16 × 32 tokens.
 The result is the same up to float32 summation order (bit-identical with this
-machine's MKL). Only on a CPU: cuBLAS picks its own layout.
+machine's MKL). Only on a CPU: cuBLAS picks its own layout. This applies when
+sampling goes through the model's own forward; Llama-family models on a CPU
+go through :mod:`kltune._decoding` instead, which is feature-major throughout.
 
 **Scoring: fewer saved activations.** Autograd keeps every intermediate an
 elementwise op needs for backward. In a Llama-family layer two of them are
