@@ -27,7 +27,7 @@ last position, keeping its own key/value cache.
   softmax as the model's eager attention; sums over a different memory layout
   round differently, so outputs agree within float32 rounding (tested at 1e-5
   against the model's forward). On SmolLM2-135M, 16 rows × 32 tokens:
-  4.2 s against 5.4 s for the model's forward with weight-major linears.
+  4.0–4.4 s against 5.0–5.2 s for the model's forward with weight-major linears.
 
 :func:`decoding_for` chooses: the lean decoding where
 :meth:`LlamaDecoding.supports` accepts the model, the model's own forward

@@ -221,7 +221,7 @@ class Policy(nn.Module):
         lean_decoding: sample Llama-family models (Llama, Mistral, Qwen2) on a
             CPU with kltune's own decoding step (feature-major hidden states,
             preallocated KV buffers; ``kltune._decoding``), which computes the
-            model's function within float32 rounding and is about 1.3× faster
+            model's function within float32 rounding and is 1.2–1.3× faster
             at a few rows. It is used only for plain models (no hooks, adapters
             or quantised layers) and without autocast. False: always the
             model's own forward with its KV cache.
