@@ -34,7 +34,6 @@ last position, keeping its own key/value cache.
 otherwise.
 """
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -169,14 +168,12 @@ class LlamaDecoding:
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         attention = self.decoder.layers[0].self_attn
         self.head_dim = int(attention.head_dim)
-        weight = self.head.weight
-        shape = (rows, self.kv_heads, capacity)
+        weight, layers = self.head.weight, self.decoder.layers
+        kv, dim = self.kv_heads, self.head_dim
         # Keys stored transposed ([B, H_kv, head_dim, L]) so that q @ kᵀ needs no copy.
-        self.keys = [
-            weight.new_empty(*shape[:2], self.head_dim, capacity) for _ in self.decoder.layers
-        ]
-        self.values = [weight.new_empty(*shape, self.head_dim) for _ in self.decoder.layers]
-        self.allowed = torch.zeros(shape[0], capacity, dtype=torch.bool, device=weight.device)
+        self.keys = [weight.new_empty(rows, kv, dim, capacity) for _ in layers]
+        self.values = [weight.new_empty(rows, kv, capacity, dim) for _ in layers]
+        self.allowed = torch.zeros(rows, capacity, dtype=torch.bool, device=weight.device)
         self.filled = 0
 
     @staticmethod
@@ -211,7 +208,8 @@ class LlamaDecoding:
             and isinstance(getattr(decoder, "embed_tokens", None), nn.Embedding)
             and callable(getattr(decoder, "rotary_emb", None))
             and all(_no_hooks(m) for m in model.modules())
-            and not (nn.modules.module._global_forward_hooks or _global_pre_hooks())
+            and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks
             and len({p.dtype for p in model.parameters()}) == 1
         )
 
@@ -311,13 +309,9 @@ def _rotate(
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-def _global_pre_hooks() -> bool:
-    return bool(nn.modules.module._global_forward_pre_hooks)
-
-
 def decoding_for(
     model: nn.Module, rows: int, capacity: int, *, hidden: bool, lean: bool = True
-) -> Callable[..., tuple[Tensor, Tensor | None]]:
+) -> Decoding:
     """The lean decoding where it applies (and ``lean``), else the model's own forward."""
     if lean and LlamaDecoding.supports(model, capacity):
         return LlamaDecoding(model, rows, capacity)

@@ -393,17 +393,7 @@ class Policy(nn.Module):
         group = completions_per_prompt
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        decoding = decoding_for(
-            self.model,
-            prompt_ids.shape[0],
-            prompt_ids.shape[1] + max_new_tokens,
-            hidden=self.value_head is not None,
-            lean=self.lean_decoding and autocast_dtype is None,
-        )
-        # The model's own forward runs its CPU linears weight-major (see kltune._forwards).
-        layout = (
-            nullcontext() if isinstance(decoding, LlamaDecoding) else weight_major_linears(self)
-        )
+        decoding, layout = self._decoding(prompt_ids.shape, max_new_tokens, autocast_dtype)
         with self._autocast(autocast_dtype), layout:
             sampled = self._sample(
                 decoding,
@@ -431,6 +421,23 @@ class Policy(nn.Module):
             prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group),
             ended=sampled.ended,
         )
+
+    def _decoding(
+        self, prompt_shape: torch.Size, max_new_tokens: int, autocast_dtype: torch.dtype | None
+    ) -> tuple[Decoding, AbstractContextManager[Any]]:
+        """The sampling loop's forward (see ``kltune._decoding``) and the layout its
+        linears run in: the model's own forward runs them weight-major on a CPU."""
+        rows, width = prompt_shape
+        decoding = decoding_for(
+            self.model,
+            rows,
+            width + max_new_tokens,
+            hidden=self.value_head is not None,
+            lean=self.lean_decoding and autocast_dtype is None,
+        )
+        if isinstance(decoding, LlamaDecoding):
+            return decoding, nullcontext()
+        return decoding, weight_major_linears(self)
 
     def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
         if dtype is None:
