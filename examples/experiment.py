@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 import kltune
-import kltune.functional as KF
 
 
 @dataclass(frozen=True)
@@ -25,11 +24,10 @@ class Arm:
 
     name: str
     controller: Callable[[], kltune.KLController] = lambda: kltune.AdaptiveKLController(
-        beta=0.1, target=2.0, horizon=100
+        beta=0.1, target=3.0
     )
     baseline: str = "mean"  # mean | ema | rloo | grpo | prompt_value | gae
-    kl_estimator: Callable = KF.kl_k3
-    kl_in_loss: bool = False
+    kl: Callable[[], kltune.KLPenalty] = kltune.KLPenalty  # k1 in the reward
     reward: Callable[[], kltune.RewardFn] = kltune.VaderSentiment
     lr: float = 1e-4
     epochs: int = 1
@@ -91,7 +89,7 @@ def build_blocks(arm: Arm, model, tokenizer) -> tuple[kltune.Blocks, kltune.Loop
     objective = kltune.PPOObjective(
         clip_eps=0.2,
         entropy_coef=arm.entropy_coef,
-        kl=kltune.KLPenalty(estimator=arm.kl_estimator, in_loss=arm.kl_in_loss),
+        kl=arm.kl(),
     )
     optimizer = torch.optim.Adam(policy.parameters(), lr=arm.lr, eps=1e-5)
     blocks = kltune.Blocks(
@@ -161,7 +159,8 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
         "seconds_per_iteration": seconds / args.iterations,
         "settings": {
             k: v for k, v in dataclasses.asdict(arm).items() if isinstance(v, (int, float, str))
-        },
+        }
+        | {"controller": state.controller.state_dict(), "kl": repr(blocks.objective.kl)},
         "model": "tiny-random-llama" if args.smoke else args.model,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))

@@ -20,6 +20,7 @@ from helpers import tiny_blocks
 from kltune.loop import (
     compute_scores,
     estimate_advantages,
+    estimate_kl,
     optimise,
     score_reference,
     shape_with_kl,
@@ -45,7 +46,8 @@ def fixed_rollout(blocks: kltune.Blocks) -> kltune.Rollout:
 def one_update(blocks: kltune.Blocks, state: kltune.LoopState, rollout: kltune.Rollout) -> None:
     rollout = score_reference(blocks.reference, rollout)
     rollout = compute_scores(blocks.reward_fn, rollout)
-    rollout, _ = shape_with_kl(rollout, blocks.objective.kl, state.controller.beta)
+    kl_tokens = estimate_kl(blocks.policy, rollout, blocks.objective.kl)
+    rollout = shape_with_kl(rollout, kl_tokens, blocks.objective.kl, state.controller.beta)
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = kltune.RolloutBuffer(rollout).whitened(all_reduce=blocks.all_reduce)
     optimisation = kltune.Optimisation(minibatch_size=len(rollout), epochs=2)

@@ -221,6 +221,10 @@ SPECS: dict[str, Spec] = {
     ),
     "entropy_from_logits": Spec(KF.entropy_from_logits, (("logits", "logits"),)),
     "kl_exact": Spec(KF.kl_exact, (("logits", "logits"), ("ref_logits", "logits"))),
+    "kl_exact_from_hidden": Spec(
+        lambda h, r: KF.kl_exact_from_hidden(h, None, r, None),
+        (("hidden", "logits"), ("ref_hidden", "logits")),
+    ),
     **{
         name: Spec(getattr(KF, name), (("logprobs", "float"), ("ref_logprobs", "float")))
         for name in ("kl_k1", "kl_k2", "kl_k3", "kl_k3_st")
@@ -1042,7 +1046,7 @@ class _RogueController:
 def test_a_negative_beta_from_a_custom_controller_stops_the_loop(in_loss: bool) -> None:
     # KL in the reward: shaped_rewards refuses it. KL in the loss: the objective
     # refuses it (it used to add β·KL < 0 to the loss, paying the policy to drift).
-    kl = kltune.KLPenalty(estimator=KF.kl_k3_st, in_loss=True) if in_loss else None
+    kl = kltune.KLPenalty(placement="loss") if in_loss else None
     blocks, state = tiny_blocks(kl=kl, controller=_RogueController(beta=-0.1))
     with pytest.raises(ValueError, match=r"beta must be (>= 0|a finite number >= 0), got -0\.1"):
         ppo_iteration(

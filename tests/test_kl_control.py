@@ -2,19 +2,24 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import kltune.functional as KF
 from kltune.functional import kl_k1, kl_k2, kl_k3, kl_k3_st
 from kltune.kl_control import (
+    GRADIENTS,
+    SOUND,
     AdaptiveKLController,
     ConstraintKLController,
     FixedKLController,
     KLController,
     KLPenalty,
+    KLPenaltyWarning,
     controller_from_state,
 )
 
@@ -321,18 +326,60 @@ def _logprob_pair() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_kl_penalty_defaults_and_reward_side_is_detached() -> None:
     penalty = KLPenalty()
-    assert penalty.estimator is kl_k3 and penalty.in_loss is False
+    assert penalty.estimator is kl_k1 and penalty.placement == "reward"
+    assert penalty.in_reward and not penalty.in_loss
     old, ref = _logprob_pair()
     kl = penalty.reward_kl(old, ref)
     assert not kl.requires_grad
-    torch.testing.assert_close(kl, kl_k3(old, ref).detach())
-    expected = torch.tensor([[0.0, 0.1931, 0.3069], [0.3069, 0.0, 0.1931]])
+    torch.testing.assert_close(kl, kl_k1(old, ref).detach())
+    expected = torch.tensor([[0.0, 0.6931, -0.6931], [-0.6931, 0.0, 0.6931]])
     torch.testing.assert_close(kl, expected, atol=1e-4, rtol=0)
+
+
+def test_each_placement_gets_its_sound_estimator_by_default() -> None:
+    assert KLPenalty(placement="loss").estimator is kl_k3_st
+    both = KLPenalty(placement="reward+loss")
+    assert both.estimator is KF.kl_exact and both.in_reward and both.in_loss and both.exact
+
+
+@pytest.mark.parametrize(("name", "placement"), sorted(GRADIENTS))
+def test_a_biased_or_zero_gradient_warns_unless_asked_for(name: str, placement: str) -> None:
+    estimator = getattr(KF, name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        KLPenalty(estimator=estimator, placement=placement)  # type: ignore[arg-type]
+    warned = [w for w in caught if issubclass(w.category, KLPenaltyWarning)]
+    assert bool(warned) == ((name, placement) not in SOUND)
+    if warned:
+        message = str(warned[0].message)
+        assert name in message and "allow_biased=True" in message and "Use " in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KLPenalty(estimator=estimator, placement=placement, allow_biased=True)  # type: ignore[arg-type]
+
+
+def test_a_users_own_estimator_is_not_classified() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        penalty = KLPenalty(estimator=lambda lp, ref: lp - ref, placement="loss")
+    assert penalty.name == "<lambda>"
+
+
+def test_an_unknown_placement_is_refused() -> None:
+    # (under the test suite's runtime type checker the annotation refuses it first)
+    with pytest.raises((ValueError, TypeError), match=r"placement"):
+        KLPenalty(placement="advantage")  # type: ignore[arg-type]
+
+
+def test_the_exact_kl_is_refused_where_only_logprobs_are_given() -> None:
+    lp, ref = _logprob_pair()
+    with pytest.raises(TypeError, match="exact KL needs next-token heads"):
+        KLPenalty(placement="reward+loss").reward_kl(lp, ref)
 
 
 def test_kl_penalty_loss_side_has_gradient_into_logprobs_only() -> None:
     logprobs, ref = _logprob_pair()
-    kl = KLPenalty(estimator=kl_k3_st, in_loss=True).loss_kl(logprobs, ref)
+    kl = KLPenalty(placement="loss").loss_kl(logprobs, ref)
     assert kl.requires_grad
     kl.sum().backward()
     assert logprobs.grad is not None and bool(logprobs.grad.abs().sum() > 0)
@@ -356,7 +403,8 @@ def test_expected_loss_gradient_of_each_estimator(estimator, target_kl: str) -> 
     logits = torch.randn(5, generator=generator, dtype=torch.float64).requires_grad_()
     ref = torch.log_softmax(torch.randn(5, generator=generator, dtype=torch.float64), dim=-1)
     logp = torch.log_softmax(logits, dim=-1)
-    kl = KLPenalty(estimator=estimator, in_loss=True).loss_kl(logp[None], ref[None])
+    penalty = KLPenalty(estimator=estimator, placement="loss", allow_biased=True)
+    kl = penalty.loss_kl(logp[None], ref[None])
     (expected_grad,) = torch.autograd.grad((logp.exp().detach() * kl[0]).sum(), logits)
 
     if target_kl == "zero":

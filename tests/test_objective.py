@@ -44,14 +44,17 @@ def test_loss_is_the_clipped_surrogate_token_mean_by_hand() -> None:
 def test_kl_in_the_loss_adds_beta_times_the_estimate() -> None:
     batch = _minibatch()
     logprobs = (batch.old_logprobs + 0.1).requires_grad_()
-    kl = kltune.KLPenalty(estimator=KF.kl_k3_st, in_loss=True)
     plain, _ = kltune.PPOObjective(value_coef=0.0)(FakeScorer(logprobs), batch, beta=0.3)
-    with_kl, metrics = kltune.PPOObjective(value_coef=0.0, kl=kl)(
-        FakeScorer(logprobs), batch, beta=0.3
-    )
-    term = KF.token_mean(KF.kl_k3(logprobs, batch.ref_logprobs), batch.response_mask)  # type: ignore[arg-type]
-    assert torch.allclose(with_kl - plain, 0.3 * term)
-    assert torch.allclose(metrics["kl/loss_term"], term)
+    k3 = KF.kl_k3(logprobs, batch.ref_logprobs)  # type: ignore[arg-type]
+    ratio = torch.exp(logprobs - batch.old_logprobs).detach()
+    for weighted, per_token in ((False, k3), (True, ratio * k3)):
+        kl = kltune.KLPenalty(placement="loss", importance_weighted=weighted)
+        with_kl, metrics = kltune.PPOObjective(value_coef=0.0, kl=kl)(
+            FakeScorer(logprobs), batch, beta=0.3
+        )
+        term = KF.token_mean(per_token, batch.response_mask)
+        assert torch.allclose(with_kl - plain, 0.3 * term)
+        assert torch.allclose(metrics["kl/loss_term"], term)
 
 
 def test_value_and_entropy_terms_enter_with_their_coefficients() -> None:

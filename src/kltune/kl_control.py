@@ -23,14 +23,17 @@ where the penalty goes: into the per-token reward (the default) or into the loss
 import dataclasses
 import math
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, final, runtime_checkable
+from typing import ClassVar, Literal, Protocol, final, runtime_checkable
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kltune.functional import kl_k3
+import kltune.functional as KF
+from kltune.rollout import NextTokenHead
 
 __all__ = [
     "AdaptiveKLController",
@@ -38,6 +41,7 @@ __all__ = [
     "FixedKLController",
     "KLController",
     "KLPenalty",
+    "KLPenaltyWarning",
     "controller_from_state",
 ]
 
@@ -141,9 +145,16 @@ class AdaptiveKLController:
     20 % error takes about :math:`H` completions. The target is not a
     constraint; the KL oscillates around it.
 
+    The default horizon, 32 completions, lets β move by up to ±10 % per
+    iteration at 16 completions per iteration and ±40 % at 64, so that it can
+    follow the KL within tens of iterations at the batch sizes a CPU or one GPU
+    runs. Ziegler et al.'s 10 000 was for batches of 512 over thousands of
+    iterations; at 16 completions it makes β all but constant (a KL 10× the
+    target for 10 iterations moves β by 0.3 %).
+
     Args:
         beta: initial β > 0 (a multiplicative update never leaves 0).
-        target: the target KL in nats, > 0.
+        target: the target KL in nats per completion, > 0.
         horizon: :math:`H` in completions, > 0.
 
     Raises:
@@ -152,11 +163,11 @@ class AdaptiveKLController:
             could reach 0 or below, which would make β 0 forever or negative).
 
     Example:
-        >>> controller = AdaptiveKLController(beta=0.1, target=6.0, horizon=10000)
-        >>> round(controller.update(observed_kl=9.0, n_samples=512).beta, 8)  # e = +0.2
-        0.101024
-        >>> round(controller.update(observed_kl=5.4, n_samples=512).beta, 8)  # e = -0.1
-        0.099488
+        >>> controller = AdaptiveKLController(beta=0.1, target=6.0)  # horizon 32
+        >>> round(controller.update(observed_kl=9.0, n_samples=16).beta, 8)  # e = +0.2
+        0.11
+        >>> round(controller.update(observed_kl=5.4, n_samples=16).beta, 8)  # e = -0.1
+        0.095
 
     References:
         Ziegler et al., "Fine-Tuning Language Models from Human Preferences", 2019,
@@ -166,7 +177,7 @@ class AdaptiveKLController:
     kind: ClassVar[str] = "adaptive"
     beta: float
     target: float
-    horizon: int = 10000
+    horizon: int = 32
 
     def __post_init__(self) -> None:
         _check_positive(self.beta, name="beta")
@@ -324,86 +335,214 @@ def controller_from_state(
     return cls(**kwargs)  # type: ignore[arg-type]
 
 
+Placement = Literal["reward", "loss", "reward+loss"]
+
+#: What each (estimator, placement) gives as the policy's expected gradient, on-policy,
+#: for a penalty β·KL(π‖π_ref) summed over the tokens of a completion. Derived in the
+#: docs' KL-estimator page and checked by exact enumeration in tests/test_kl_matrix.py.
+GRADIENTS: Mapping[tuple[str, str], str] = types.MappingProxyType(
+    {
+        ("kl_k1", "reward"): "∇KL(π‖π_ref), unbiased",
+        ("kl_k1", "loss"): "zero",
+        ("kl_k1", "reward+loss"): "∇KL(π‖π_ref), unbiased (the loss part adds nothing)",
+        ("kl_k2", "reward"): "biased: a score-function gradient of E[k2], not ∇KL",
+        ("kl_k2", "loss"): "token-local ∇KL(π‖π_ref): each visited state's KL, states held fixed",
+        ("kl_k2", "reward+loss"): "biased: the token's own KL counted twice",
+        ("kl_k3", "reward"): "biased: ∇KL(π‖π_ref) − ∇KL(π_ref‖π) per token, ~0 near π_ref",
+        ("kl_k3", "loss"): "token-local ∇KL(π_ref‖π): the forward KL",
+        ("kl_k3", "reward+loss"): "biased mix",
+        ("kl_k3_st", "reward"): "biased: as kl_k3 (same value)",
+        ("kl_k3_st", "loss"): "token-local ∇KL(π‖π_ref), as kl_k2",
+        ("kl_k3_st", "reward+loss"): "biased: the token's own KL counted twice",
+        ("kl_exact", "reward"): "only the effect on later tokens' KL (zero for one token)",
+        ("kl_exact", "loss"): "token-local ∇KL(π‖π_ref), no sampling noise",
+        ("kl_exact", "reward+loss"): "∇KL(π‖π_ref), unbiased",
+    }
+)
+
+#: Cells whose expected gradient is ∇KL(π‖π_ref) of the whole completion, or its
+#: token-local part (which equals it for one-token completions and still pulls each
+#: visited state toward π_ref): the combinations KLPenalty accepts without a warning.
+SOUND = frozenset(
+    {
+        ("kl_k1", "reward"),
+        ("kl_k1", "reward+loss"),
+        ("kl_k2", "loss"),
+        ("kl_k3_st", "loss"),
+        ("kl_exact", "loss"),
+        ("kl_exact", "reward+loss"),
+    }
+)
+
+#: The estimator a placement gets when none is named.
+DEFAULT_ESTIMATOR: Mapping[str, str] = types.MappingProxyType(
+    {"reward": "kl_k1", "loss": "kl_k3_st", "reward+loss": "kl_exact"}
+)
+
+_ESTIMATORS: Mapping[str, Callable[..., Tensor]] = types.MappingProxyType(
+    {
+        "kl_k1": KF.kl_k1,
+        "kl_k2": KF.kl_k2,
+        "kl_k3": KF.kl_k3,
+        "kl_k3_st": KF.kl_k3_st,
+        "kl_exact": KF.kl_exact,
+    }
+)
+
+
+class KLPenaltyWarning(UserWarning):
+    """A KL penalty whose expected gradient does not pull the policy toward π_ref."""
+
+
+def _name_of(estimator: Callable[..., Tensor]) -> str | None:
+    """The shipped estimator's name, or None for a user's own function."""
+    for name, fn in _ESTIMATORS.items():
+        if estimator is fn:
+            return name
+    return None
+
+
 @final
 @dataclass(frozen=True)
 class KLPenalty:
-    r"""Where the KL penalty goes, and which estimator computes it.
+    r"""The KL penalty: which estimator computes it and where it enters PPO.
 
-    Two placements of the same penalty :math:`\beta\,\mathrm{KL}(\pi\|\pi_\text{ref})`:
+    What makes a penalty work is the gradient it gives the policy, not whether
+    the estimator's *value* is unbiased. For a completion :math:`y \sim \pi` of
+    tokens :math:`y_t` with :math:`\Delta_t = \log\pi(y_t) - \log\pi_\text{ref}(y_t)`:
 
-    - **in the reward** (``in_loss=False``, the default; Ziegler et al. 2019,
-      InstructGPT): :meth:`reward_kl` estimates the KL per token from the
-      rollout's *behaviour* logprobs, detached, and the loop shapes the rewards
-      :math:`r_t = -\beta\,k_t` (plus the score on the last token, see
-      :func:`kltune.functional.shaped_rewards`). The penalty then reaches the
-      policy through the returns and advantages, with the PPO clipping. Use an
-      estimator whose *value* is unbiased: :func:`~kltune.functional.kl_k3`
-      (default, ≥ 0, low variance) or :func:`~kltune.functional.kl_k1`.
-    - **in the loss** (``in_loss=True``; GRPO): :meth:`loss_kl` estimates it from
-      the *current* logprobs, with gradient, and the objective adds
-      :math:`\beta \cdot \operatorname{mean}_t k_t` to the loss. Here what
-      matters is the estimator's *gradient*:
+    - **in the reward** (``placement="reward"``, the default; Ziegler et al.
+      2019, InstructGPT): each token's reward gets :math:`-\beta k_t`, detached,
+      and the penalty reaches the policy through reward-to-go and the advantages,
+      so the gradient is the score-function one,
+      :math:`\mathbb{E}[\sum_t \nabla\log\pi(y_t) \sum_{t'\ge t} k_{t'}]`. With
+      :math:`k = \Delta` (:func:`~kltune.functional.kl_k1`) that is exactly
+      :math:`\nabla\,\mathrm{KL}(\pi\|\pi_\text{ref})` of the completion, including
+      a token's effect on the KL of the tokens after it. k3 in the reward gives
+      :math:`\nabla\mathrm{KL}(\pi\|\pi_\text{ref}) - \nabla\mathrm{KL}(\pi_\text{ref}\|\pi)`
+      per token, which nearly cancels near the reference: almost no pull.
+    - **in the loss** (``placement="loss"``; GRPO): :math:`\beta \operatorname{agg}(k_t)`
+      joins the loss with gradient. k2 and k3 straight-through give
+      :math:`\mathbb{E}[\Delta_t \nabla\log\pi(y_t)]`: the gradient of each
+      visited state's KL with the states held fixed (token-local; exact for
+      one-token completions, it misses the effect on later tokens). k1 gives
+      zero, k3 the gradient of the forward KL(π_ref ‖ π).
+    - **the exact KL** (:func:`~kltune.functional.kl_exact` over the whole
+      vocabulary, no sampling noise): in the loss it gives the token-local
+      gradient; in the reward only the effect on later tokens (a state's KL does
+      not depend on the token drawn there); ``placement="reward+loss"`` gives both,
+      the whole :math:`\nabla\,\mathrm{KL}(\pi\|\pi_\text{ref})`. It costs one more
+      policy forward per iteration and both output layers again in each minibatch.
 
-      .. math::
-          \mathbb{E}_{y\sim\pi}[\nabla k_2] = \nabla\,\mathrm{KL}(\pi\|\pi_\text{ref}),\quad
-          \mathbb{E}_{y\sim\pi}[\nabla k_3] = \nabla\,\mathrm{KL}(\pi_\text{ref}\|\pi),\quad
-          \mathbb{E}_{y\sim\pi}[\nabla k_1] = 0
-
-      so use :func:`~kltune.functional.kl_k3_st` (k3's value, k2's gradient) or
-      :func:`~kltune.functional.kl_k2`.
-
-    .. warning::
-        With ``in_loss=True`` the default estimator :func:`~kltune.functional.kl_k3`
-        gives a **biased** gradient (that of the forward KL(π_ref ‖ π)), and
-        :func:`~kltune.functional.kl_k1` gives **zero** gradient in expectation:
-        the penalty silently does nothing. Pass ``estimator=kl_k3_st`` or ``kl_k2``.
+    The whole matrix is :data:`GRADIENTS`. Leave ``estimator`` unset to get the
+    sound one for the placement (k1 in the reward, k3 straight-through in the
+    loss, the exact KL in both); a combination outside :data:`SOUND` warns
+    (:class:`KLPenaltyWarning`) naming the better choice, unless
+    ``allow_biased=True`` says it is meant (an ablation). A user's own estimator
+    function is not classified and never warns.
 
     Args:
-        estimator: per-token KL estimate ``(logprobs, ref_logprobs) -> kl``, e.g.
-            from :mod:`kltune.functional`.
-        in_loss: False to penalise in the reward, True in the loss. Both methods
-            work either way (the loop logs :meth:`reward_kl` in both cases); this
-            flag tells the loop which one enters the objective.
+        estimator: per-token KL ``(logprobs, ref_logprobs) -> kl`` (e.g. from
+            :mod:`kltune.functional`), or :func:`kltune.functional.kl_exact`; None
+            for the placement's default.
+        placement: ``"reward"``, ``"loss"`` or ``"reward+loss"``.
+        importance_weighted: in the loss, weight each token's term by the
+            detached ratio :math:`\rho_t = \pi_\theta(y_t)/\pi_\text{old}(y_t)`,
+            so that in later PPO epochs (samples from the behaviour policy, not the
+            current one) the expected gradient is still the current policy's
+            (TRL's bias-corrected KL, NeMo-RL's on-policy KL). ρ = 1 in the first
+            epoch, so that epoch is unchanged. It corrects the token's own
+            distribution, not that of the states before it. No effect on the
+            exact KL (nothing is sampled at the token).
+        allow_biased: accept a combination outside :data:`SOUND` without a warning.
+
+    Raises:
+        TypeError: ``estimator`` is not callable.
+        ValueError: an unknown placement.
 
     Example:
         >>> import torch
-        >>> from kltune.functional import kl_k3_st
-        >>> lp = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]])).requires_grad_()
+        >>> KLPenalty().estimator is KF.kl_k1
+        True
+        >>> KLPenalty(placement="loss").estimator is KF.kl_k3_st
+        True
+        >>> lp = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]]))
         >>> ref = torch.log(torch.tensor([[0.5, 0.25, 1.0], [0.4, 0.2, 0.1]]))
         >>> KLPenalty().reward_kl(lp, ref)
-        tensor([[0.0000, 0.1931, 0.3069],
-                [0.3069, 0.0000, 0.1931]])
-        >>> KLPenalty(estimator=kl_k3_st, in_loss=True).loss_kl(lp, ref).requires_grad
-        True
-
-    Notes:
-        Over several PPO epochs the samples come from the behaviour policy, not
-        the current one, so the loss-side expectation above holds exactly only
-        in the first epoch; like GRPO, no importance weight is applied.
+        tensor([[ 0.0000,  0.6931, -0.6931],
+                [-0.6931,  0.0000,  0.6931]])
 
     References:
         J. Schulman, "Approximating KL Divergence", 2020,
-        http://joschu.net/blog/kl-approx.html; Shao et al., "DeepSeekMath"
-        (GRPO), 2024, https://arxiv.org/abs/2402.03300.
+        http://joschu.net/blog/kl-approx.html; Ziegler et al. 2019,
+        https://arxiv.org/abs/1909.08593; Shao et al., "DeepSeekMath" (GRPO),
+        2024, https://arxiv.org/abs/2402.03300.
     """
 
-    estimator: Callable[[Tensor, Tensor], Tensor] = kl_k3
-    in_loss: bool = False
+    estimator: Callable[..., Tensor] | None = None
+    placement: Placement = "reward"
+    importance_weighted: bool = True
+    allow_biased: bool = False
 
     def __post_init__(self) -> None:
+        if self.placement not in DEFAULT_ESTIMATOR:
+            raise ValueError(
+                f"placement must be one of {list(DEFAULT_ESTIMATOR)}, got {self.placement!r}"
+            )
+        if self.estimator is None:
+            default = _ESTIMATORS[DEFAULT_ESTIMATOR[self.placement]]
+            object.__setattr__(self, "estimator", default)
         if not callable(self.estimator):
             raise TypeError(
                 "estimator must be a function (logprobs, ref_logprobs) -> per-token KL, "
-                f"e.g. kltune.functional.kl_k3; got {self.estimator!r}"
+                f"e.g. kltune.functional.kl_k1; got {self.estimator!r}"
             )
+        name = _name_of(self.estimator)
+        cell = (name, self.placement)
+        if name is not None and cell not in SOUND and not self.allow_biased:
+            better = DEFAULT_ESTIMATOR[self.placement]
+            if name == "kl_exact" and self.placement == "reward":
+                advice = "placement='reward+loss' for the exact KL"
+            elif self.placement == "reward+loss":
+                advice = "placement='reward' with kl_k1, or kl_exact in 'reward+loss'"
+            else:
+                advice = f"estimator={better} in the {self.placement}"
+            warnings.warn(
+                f"KLPenalty({name} in the {self.placement}): its expected gradient is "
+                f"{GRADIENTS[cell]}, so the penalty does not pull the policy toward the "
+                f"reference as β·KL(π‖π_ref) would. Use {advice} (or KLPenalty() for k1 in "
+                "the reward); pass allow_biased=True if this is meant.",
+                KLPenaltyWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def name(self) -> str:
+        """The estimator's name (``"kl_k1"``, ...; a user's function: its ``__name__``)."""
+        assert self.estimator is not None
+        return _name_of(self.estimator) or getattr(self.estimator, "__name__", "custom")
+
+    @property
+    def exact(self) -> bool:
+        """True for the full-vocabulary KL (needs next-token heads, not logprobs)."""
+        return self.estimator is KF.kl_exact
+
+    @property
+    def in_reward(self) -> bool:
+        """The per-token rewards carry −β·k."""
+        return self.placement in ("reward", "reward+loss")
+
+    @property
+    def in_loss(self) -> bool:
+        """The loss carries β·agg(k) with gradient."""
+        return self.placement in ("loss", "reward+loss")
 
     def reward_kl(
         self, old_logprobs: Float[Tensor, "B T"], ref_logprobs: Float[Tensor, "B T"]
     ) -> Float[Tensor, "B T"]:
-        r"""Per-token KL for the reward, from the behaviour logprobs; no gradient.
-
-        .. math::
-            k_t = \operatorname{sg}\bigl(k(\log\pi_\text{old}(y_t), \log\pi_\text{ref}(y_t))\bigr)
+        r"""Per-token KL from the behaviour logprobs, detached: what the reward carries,
+        what is logged and what the controller sees (not for the exact KL: use
+        :meth:`exact_kl`).
 
         Args:
             old_logprobs: log π_old of the response tokens, recorded at rollout.
@@ -411,23 +550,52 @@ class KLPenalty:
 
         Returns:
             The detached per-token estimate (padding is not masked here).
+
+        Raises:
+            TypeError: the estimator is the exact KL, which needs the whole distributions.
         """
+        if self.exact:
+            raise TypeError("the exact KL needs next-token heads: call exact_kl")
+        assert self.estimator is not None
         return self.estimator(old_logprobs.detach(), ref_logprobs.detach())
 
     def loss_kl(
-        self, logprobs: Float[Tensor, "B T"], ref_logprobs: Float[Tensor, "B T"]
+        self,
+        logprobs: Float[Tensor, "B T"],
+        ref_logprobs: Float[Tensor, "B T"],
+        old_logprobs: Float[Tensor, "B T"] | None = None,
     ) -> Float[Tensor, "B T"]:
         r"""Per-token KL for the loss, from the current logprobs; gradient flows into them.
 
         .. math::
-            k_t = k(\log\pi_\theta(y_t), \operatorname{sg}(\log\pi_\text{ref}(y_t)))
+            k_t = \operatorname{sg}(\rho_t)\, k(\log\pi_\theta(y_t), \operatorname{sg}(\log\pi_\text{ref}(y_t)))
 
-        Args:
-            logprobs: log π_θ of the response tokens under the current policy.
-            ref_logprobs: log π_ref of the same tokens (detached: the reference
-                is never trained).
+        with :math:`\rho_t = \pi_\theta(y_t)/\pi_\text{old}(y_t)` when
+        ``importance_weighted`` and ``old_logprobs`` are given, else 1.
 
         Returns:
-            The per-token estimate; average it over real tokens, times β, into the loss.
+            The per-token term; average it over real tokens, times β, into the loss.
         """
-        return self.estimator(logprobs, ref_logprobs.detach())
+        if self.exact:
+            raise TypeError("the exact KL needs next-token heads: call exact_kl")
+        assert self.estimator is not None
+        kl = self.estimator(logprobs, ref_logprobs.detach())
+        if self.importance_weighted and old_logprobs is not None:
+            kl = torch.exp(logprobs.detach() - old_logprobs.detach()) * kl
+        return kl
+
+    @staticmethod
+    def exact_kl(
+        head: NextTokenHead, ref_head: NextTokenHead, temperature: float
+    ) -> Float[Tensor, "B T"]:
+        """The exact per-position KL(π ‖ π_ref) from two next-token heads, in chunks;
+        gradient flows into ``head`` when it has one."""
+        return KF.kl_exact_from_hidden(
+            head.hidden,
+            head.weight,
+            ref_head.hidden,
+            ref_head.weight,
+            temperature,
+            bias=head.bias,
+            ref_bias=ref_head.bias,
+        )

@@ -23,7 +23,7 @@ import kltune.functional as KF
 from kltune.baselines import Baseline, LearnedBaseline
 from kltune.kl_control import KLController, KLPenalty
 from kltune.objective import PPOObjective, Scorer
-from kltune.policy import Policy, Reference, check_sampling
+from kltune.policy import HeadReference, Policy, Reference, check_sampling
 from kltune.rewards import RewardFn, score_completions
 from kltune.rollout import Rollout, RolloutBuffer
 
@@ -182,6 +182,14 @@ class Blocks:
     scorer: Scorer | None = None
     all_reduce: AllReduce = _one_process
 
+    def __post_init__(self) -> None:
+        if self.objective.kl.exact and not isinstance(self.reference, HeadReference):
+            raise TypeError(
+                "the exact-KL penalty needs a reference with next_token_head(rollout) "
+                f"(FrozenReference and AdapterOffReference have it); {type(self.reference).__name__} "
+                "has only logprobs: use KLPenalty() (k1 in the reward) with it"
+            )
+
 
 @final
 @dataclass(frozen=True)
@@ -296,10 +304,16 @@ def collect_rollout(
         )
 
 
-def score_reference(reference: Reference, rollout: Rollout) -> Rollout:
-    """Add log π_ref of the sampled tokens."""
+def score_reference(reference: Reference, rollout: Rollout, kl: KLPenalty | None = None) -> Rollout:
+    """Add log π_ref of the sampled tokens (and π_ref's whole next-token
+    distributions, for the exact-KL penalty)."""
     with torch.no_grad():
-        return rollout.replace(ref_logprobs=reference.logprobs(rollout))
+        rollout = rollout.replace(ref_logprobs=reference.logprobs(rollout))
+        if kl is not None and kl.exact:
+            if not isinstance(reference, HeadReference):
+                raise TypeError("the exact KL needs a reference with next_token_head")
+            rollout = rollout.replace(ref_head=reference.next_token_head(rollout))
+    return rollout
 
 
 def compute_scores(reward_fn: RewardFn, rollout: Rollout) -> Rollout:
@@ -308,21 +322,32 @@ def compute_scores(reward_fn: RewardFn, rollout: Rollout) -> Rollout:
     return rollout.replace(scores=scores.to(rollout.old_logprobs.device))
 
 
-def shape_with_kl(rollout: Rollout, kl: KLPenalty, beta: float) -> tuple[Rollout, Tensor]:
-    """Per-token rewards: −β·kl on each token (KL in the reward) plus the score on the last.
+def estimate_kl(policy: Policy, rollout: Rollout, kl: KLPenalty) -> Tensor:
+    """Per-token KL(π_old ‖ π_ref) of the sampled completions, detached: what the
+    reward carries (KL in the reward), what is logged and what the controller sees.
 
-    Returns the rollout with ``rewards`` and the per-token KL estimate (for logging
-    and the controller, whatever the placement).
+    The exact KL needs the behaviour policy's whole next-token distributions: one
+    more forward of the policy, without gradient.
     """
-    if rollout.ref_logprobs is None or rollout.scores is None:
-        raise ValueError(
-            "shape_with_kl needs ref_logprobs and scores: run score_reference and "
-            "compute_scores first"
-        )
-    kl_tokens = kl.reward_kl(rollout.old_logprobs, rollout.ref_logprobs)
-    beta_in_reward = 0.0 if kl.in_loss else beta
+    if rollout.ref_logprobs is None:
+        raise ValueError("estimate_kl needs ref_logprobs: run score_reference first")
+    if not kl.exact:
+        return kl.reward_kl(rollout.old_logprobs, rollout.ref_logprobs)
+    if rollout.ref_head is None:
+        raise ValueError("the exact KL needs ref_head: run score_reference with this penalty")
+    with torch.no_grad():
+        head = policy.next_token_head(rollout)
+        return kl.exact_kl(head, rollout.ref_head, rollout.temperature)
+
+
+def shape_with_kl(rollout: Rollout, kl_tokens: Tensor, kl: KLPenalty, beta: float) -> Rollout:
+    """Per-token rewards: −β·kl on each token (when the KL is in the reward) plus
+    the score on the last."""
+    if rollout.scores is None:
+        raise ValueError("shape_with_kl needs scores: run compute_scores first")
+    beta_in_reward = beta if kl.in_reward else 0.0
     rewards = KF.shaped_rewards(rollout.scores, kl_tokens, rollout.response_mask, beta_in_reward)
-    return rollout.replace(rewards=rewards), kl_tokens
+    return rollout.replace(rewards=rewards)
 
 
 def estimate_advantages(baseline: Baseline, rollout: Rollout) -> Rollout:
@@ -458,9 +483,10 @@ def ppo_iteration(
         allocate_optimizer_state(blocks.value_fit.optimizer)
     beta = state.controller.beta
     rollout = collect_rollout(blocks.policy, prompts, sampling, generator)
-    rollout = score_reference(blocks.reference, rollout)
+    rollout = score_reference(blocks.reference, rollout, blocks.objective.kl)
     rollout = compute_scores(blocks.reward_fn, rollout)
-    rollout, kl_tokens = shape_with_kl(rollout, blocks.objective.kl, beta)
+    kl_tokens = estimate_kl(blocks.policy, rollout, blocks.objective.kl)
+    rollout = shape_with_kl(rollout, kl_tokens, blocks.objective.kl, beta)
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = RolloutBuffer(rollout)
     if optimisation.whiten_advantages:
@@ -471,6 +497,9 @@ def ppo_iteration(
         metrics |= fit_value_baseline(blocks.value_fit, rollout)
     metrics = mean_over_processes(metrics, blocks.all_reduce)
     warn_if_unhealthy(metrics)
+    target = getattr(state.controller, "target", None)
+    if isinstance(target, float | int):  # the controllers that aim at a KL
+        metrics |= {"kl/target": float(target), "kl/tracking_error": metrics["kl/mean"] - target}
     controller = update_controller(state.controller, kl_tokens, rollout, blocks.all_reduce)
     state = _replace(
         state,
@@ -498,12 +527,14 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
       moves the policy much further per step than the clipped objective can
       correct; the usual cause is a learning rate too high (or too many epochs).
     - ``kl/mean`` below −0.05 nats per completion (beyond estimator noise): the
-      per-token estimate is negative on average, which the true KL never is. With
-      k1 it means the sampled tokens are more likely under π_ref than under π —
-      a sign that sampling and scoring disagree (temperature, top-k/top-p, or
-      generation settings that change the distribution); with the KL in the
-      reward, a negative KL is paid out as a *bonus*, the classic failure.
-      k3 is never negative and avoids it.
+      sampled tokens are on average more likely under π_ref than under the π
+      that is said to have drawn them, which cannot happen when the behaviour
+      logprobs are those of the sampling distribution (the k1 mean is then an
+      unbiased estimate of a KL ≥ 0). Sampling and scoring disagree: a
+      temperature, top-k/top-p or other generation setting that changed the
+      distribution the tokens came from, or behaviour logprobs from another
+      model or precision. With the KL in the reward the policy is then paid for
+      the mismatch.
     """
     approx_kl = metrics.get("policy/approx_kl", 0.0)
     clipfrac = metrics.get("policy/clipfrac", 0.0)
@@ -518,10 +549,11 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
     if metrics.get("kl/mean", 0.0) < -0.05:
         warnings.warn(
             f"the KL estimate to the reference is negative ({metrics['kl/mean']:.3f} nats per "
-            "completion). The true KL is never negative: sampling and scoring probably use "
-            "different distributions (temperature, top-k/top-p), and with the KL in the "
-            "reward the policy is being paid to move away. Use kl_k3 (never negative) and "
-            "sample with the temperature used for scoring.",
+            "completion), which a KL never is: the tokens were not drawn from the "
+            "distribution their behaviour logprobs describe. Check that sampling and scoring "
+            "use the same temperature, that no top-k/top-p or other generation setting "
+            "reshapes the distribution after the logprobs are taken, and that the behaviour "
+            "logprobs come from the policy itself at the same precision.",
             TrainingHealthWarning,
             stacklevel=2,
         )

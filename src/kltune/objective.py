@@ -38,6 +38,7 @@ class Scorer(Protocol):
         *,
         entropy_with_grad: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        with_head: bool = False,
     ) -> PolicyOutput: ...
 
 
@@ -59,7 +60,8 @@ class PPOObjective:
         value_clip_eps: ε of the value clip around the rollout's values (None: off).
         entropy_coef: weight c_H of the entropy bonus (0: off, and entropy is not
             kept in the graph).
-        kl: the KL placement; with ``kl.in_loss`` the term β·agg(k) joins the loss.
+        kl: the KL penalty (estimator and placement); when it is in the loss, the
+            term β·agg(k) joins the loss.
         aggregate: how per-token losses become a scalar.
         autocast_dtype: run the policy's forward under autocast (e.g. bf16);
             the loss itself is float32.
@@ -114,10 +116,12 @@ class PPOObjective:
             raise ValueError(f"beta must be a finite number >= 0, got {float(beta)}")
         mask = minibatch.response_mask
         advantages = _need(minibatch.advantages, "advantages")
+        exact_in_loss = self.kl.in_loss and self.kl.exact
         out = policy.score(
             minibatch,
             entropy_with_grad=self.entropy_coef > 0,
             autocast_dtype=self.autocast_dtype,
+            **({"with_head": True} if exact_in_loss else {}),
         )
         surrogate = KF.clipped_surrogate_loss(
             out.logprobs, minibatch.old_logprobs, advantages, self.clip_eps, self.dual_clip
@@ -131,12 +135,24 @@ class PPOObjective:
         if self.entropy_coef > 0:
             loss = loss + self.entropy_coef * self.aggregate(KF.entropy_bonus(out.entropy), mask)
         if self.kl.in_loss:
-            ref = _need(minibatch.ref_logprobs, "ref_logprobs")
-            kl_term = self.aggregate(self.kl.loss_kl(out.logprobs, ref), mask)
+            kl_term = self.aggregate(self._loss_kl(out, minibatch), mask)
             loss = loss + beta * kl_term
             metrics["kl/loss_term"] = kl_term.detach()
         metrics["loss/total"] = loss.detach()
         return loss, metrics
+
+    def _loss_kl(self, out: PolicyOutput, minibatch: Rollout) -> Tensor:
+        if self.kl.exact:
+            if out.head is None:
+                raise ValueError("the policy returned no next-token head for the exact KL")
+            ref_head = minibatch.ref_head
+            if ref_head is None:
+                raise ValueError(
+                    "the minibatch has no ref_head; run score_reference with this penalty"
+                )
+            return self.kl.exact_kl(out.head, ref_head, minibatch.temperature)
+        ref = _need(minibatch.ref_logprobs, "ref_logprobs")
+        return self.kl.loss_kl(out.logprobs, ref, minibatch.old_logprobs)
 
     def _value_loss(self, values: Tensor, minibatch: Rollout) -> Tensor:
         returns = _need(minibatch.returns, "returns")

@@ -27,7 +27,7 @@ import kltune.functional as KF
 from kltune._decoding import Decoding, LlamaDecoding, decoding_for
 from kltune._forwards import lean_activations, weight_major_linears
 from kltune.functional._head import logprobs_only_from_hidden
-from kltune.rollout import Rollout
+from kltune.rollout import NextTokenHead, Rollout
 
 
 @final
@@ -40,11 +40,14 @@ class PolicyOutput:
         entropy: entropy of each next-token distribution (detached unless
             asked for with gradient).
         values: value-head predictions V(s_t), or None without a value head.
+        head: the next-token distributions at the response positions (with
+            gradient), when asked for with ``with_head=True`` (the exact-KL penalty).
     """
 
     logprobs: Float[Tensor, "B T"]
     entropy: Float[Tensor, "B T"]
     values: Float[Tensor, "B T"] | None
+    head: NextTokenHead | None = None
 
 
 def position_ids_from_mask(mask: Bool[Tensor, "B L"]) -> Int[Tensor, "B L"]:
@@ -497,6 +500,7 @@ class Policy(nn.Module):
         *,
         entropy_with_grad: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        with_head: bool = False,
     ) -> PolicyOutput:
         """Logprobs (with gradient), entropy and values of the rollout's response tokens.
 
@@ -511,6 +515,8 @@ class Policy(nn.Module):
                 bonus); otherwise it is computed detached, for logging.
             autocast_dtype: run the model under autocast in this dtype; the
                 logprobs and values are float32 either way.
+            with_head: also return the next-token distributions as a
+                :class:`~kltune.rollout.NextTokenHead` (for the exact KL).
         """
         head = (
             _plain_output_layer(self.model) if self.fused_head and not entropy_with_grad else None
@@ -528,7 +534,10 @@ class Policy(nn.Module):
                 bias=output_layer.bias,
             )
             values = None if self.value_head is None else self._values(hidden)
-            return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
+            next_token = (
+                NextTokenHead(hidden, output_layer.weight, output_layer.bias) if with_head else None
+            )
+            return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values, head=next_token)
         with self._autocast(autocast_dtype), lean_activations(self.model):
             out = _response_forward(
                 self.model, rollout, output_hidden_states=self.value_head is not None
@@ -541,7 +550,8 @@ class Policy(nn.Module):
         if self.value_head is not None:
             length = rollout.response_ids.shape[1]
             values = self._values(out.hidden_states[-1][:, -length:])
-        return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values)
+        next_token = NextTokenHead(logits) if with_head else None
+        return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values, head=next_token)
 
     def forward(
         self,
@@ -549,12 +559,22 @@ class Policy(nn.Module):
         *,
         entropy_with_grad: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        with_head: bool = False,
     ) -> PolicyOutput:
         """:meth:`score` as the module's forward, so that a wrapped policy (DDP,
         FSDP, DeepSpeed) scores through the wrapper and its gradients synchronise."""
         return self.score(
-            rollout, entropy_with_grad=entropy_with_grad, autocast_dtype=autocast_dtype
+            rollout,
+            entropy_with_grad=entropy_with_grad,
+            autocast_dtype=autocast_dtype,
+            with_head=with_head,
         )
+
+    @torch.no_grad()
+    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
+        """The behaviour policy's next-token distributions at the response positions
+        (no gradient): what the exact KL in the reward compares with π_ref's."""
+        return next_token_head(self.model, rollout)
 
 
 def _stack_steps(
@@ -636,15 +656,33 @@ def _draw(
 
 @runtime_checkable
 class Reference(Protocol):
-    """The frozen π_ref: logprobs and logits of a rollout's response tokens, never trained."""
+    """The frozen π_ref: logprobs of a rollout's response tokens, never trained."""
 
     def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
         """log π_ref of the response tokens, under the rollout's temperature."""
         ...
 
-    def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
-        """π_ref's next-token logits aligned with the response tokens (for exact KL)."""
+
+@runtime_checkable
+class HeadReference(Reference, Protocol):
+    """A reference that can also give its whole next-token distributions, which the
+    exact-KL penalty needs (:class:`FrozenReference` and :class:`AdapterOffReference` can)."""
+
+    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
+        """π_ref's next-token distributions at the response positions (no gradient)."""
         ...
+
+
+def next_token_head(model: nn.Module, rollout: Rollout) -> NextTokenHead:
+    """A causal LM's next-token distributions at the response positions: its last
+    hidden states and output layer when the logits are a plain linear map of them
+    (no [B, T, V] tensor), else its logits. Gradient flows when it is enabled."""
+    head = _plain_output_layer(model)
+    if head is not None:
+        decoder, output_layer = head
+        hidden = _response_hidden(decoder, rollout).to(output_layer.weight.dtype)
+        return NextTokenHead(hidden, output_layer.weight, output_layer.bias)
+    return NextTokenHead(_response_forward(model, rollout).logits)
 
 
 def _reference_logprobs(model: nn.Module, rollout: Rollout) -> Tensor:
@@ -687,6 +725,10 @@ class FrozenReference:
     def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
         return _response_forward(self.model, rollout).logits
 
+    @torch.no_grad()
+    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
+        return next_token_head(self.model, rollout)
+
 
 @final
 class AdapterOffReference:
@@ -724,3 +766,10 @@ class AdapterOffReference:
     def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
         with self._adapter_off():
             return _response_forward(self.policy.model, rollout).logits
+
+    @torch.no_grad()
+    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
+        # The base model's output layer is the policy's own (weights shared): for the
+        # KL only its current values matter, and the adapter is off while they are read.
+        with self._adapter_off():
+            return next_token_head(self.policy.model, rollout)

@@ -59,6 +59,45 @@ def _check_response_mask(mask: Tensor) -> None:
 
 @final
 @dataclass(frozen=True)
+class NextTokenHead:
+    """A model's next-token distributions at the response positions, kept small.
+
+    ``softmax((hidden @ weight.T + bias) / τ)`` is the distribution that predicts
+    each response token: [B, T, D] hidden states and a handle on the output
+    layer instead of [B, T, V] logits (V is tens of thousands), so that the
+    exact KL can be computed a chunk at a time
+    (:func:`kltune.functional.kl_exact_from_hidden`). For a model whose logits
+    are not a plain linear map of its last hidden state, ``hidden`` holds the
+    logits themselves and ``weight`` is None.
+
+    Attributes:
+        hidden: [B, T, D] last hidden states (or [B, T, V] logits).
+        weight: the output layer's [V, D] weight, or None.
+        bias: the output layer's bias, or None.
+    """
+
+    hidden: Float[Tensor, "B T D"]
+    weight: Float[Tensor, "V D"] | None = None
+    bias: Float[Tensor, " V"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden.dim() != 3 or not self.hidden.is_floating_point():
+            raise ValueError(
+                "NextTokenHead.hidden must be a floating [B, T, D] tensor, got "
+                f"shape {tuple(self.hidden.shape)} and dtype {self.hidden.dtype}"
+            )
+
+    def select(self, take: Tensor) -> "NextTokenHead":
+        """The rows at ``take`` (an index tensor); the output layer is shared."""
+        return dataclasses.replace(self, hidden=self.hidden.index_select(0, take))
+
+    def to(self, device: torch.device | str) -> "NextTokenHead":
+        """The hidden states on ``device`` (the output layer stays with its model)."""
+        return dataclasses.replace(self, hidden=self.hidden.to(device))
+
+
+@final
+@dataclass(frozen=True)
 class Rollout:
     """A batch of prompts and sampled completions, plus what later stages add.
 
@@ -86,6 +125,8 @@ class Rollout:
         rewards: per-token shaped rewards.
         advantages: per-token advantages.
         returns: per-token value targets.
+        ref_head: the reference's next-token distributions at the response
+            positions (filled only for the exact-KL penalty).
 
     Raises:
         ValueError: (on construction, and so on every ``replace``) an empty
@@ -112,6 +153,7 @@ class Rollout:
     rewards: Float[Tensor, "B T"] | None = None
     advantages: Float[Tensor, "B T"] | None = None
     returns: Float[Tensor, "B T"] | None = None
+    ref_head: NextTokenHead | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_ids", "response_ids"):
@@ -136,6 +178,11 @@ class Rollout:
         _check("ended", self.ended, (batch,), "bool")
         if self.scores is not None:
             _check("scores", self.scores, (batch,), "float")
+        if self.ref_head is not None and tuple(self.ref_head.hidden.shape[:2]) != (batch, length):
+            raise ValueError(
+                f"Rollout.ref_head must cover [B, T] = {(batch, length)} positions, got "
+                f"{tuple(self.ref_head.hidden.shape[:2])}"
+            )
         _check_texts(self)
         if len(self.prompts) != batch or len(self.completions) != batch:
             raise ValueError(
@@ -178,8 +225,10 @@ class Rollout:
         changes: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, Tensor):
-                changes[field.name] = value.index_select(0, take)
+            if isinstance(value, Tensor | NextTokenHead):
+                changes[field.name] = (
+                    value.index_select(0, take) if isinstance(value, Tensor) else value.select(take)
+                )
         changes["prompts"] = tuple(self.prompts[i] for i in take.tolist())
         changes["completions"] = tuple(self.completions[i] for i in take.tolist())
         return dataclasses.replace(self, **changes)
@@ -189,7 +238,7 @@ class Rollout:
         changes = {
             f.name: getattr(self, f.name).to(device)
             for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), Tensor | NextTokenHead)
         }
         return dataclasses.replace(self, **changes)
 
@@ -229,6 +278,11 @@ class Rollout:
                 changes[field.name] = torch.cat(values)
             elif isinstance(values[0], tuple):
                 changes[field.name] = tuple(x for v in values for x in v)
+            elif isinstance(values[0], NextTokenHead):
+                if any(v.weight is not values[0].weight for v in values):
+                    raise ValueError("cannot concat: ref_head comes from different output layers")
+                hidden = torch.cat([v.hidden for v in values])
+                changes[field.name] = dataclasses.replace(values[0], hidden=hidden)
         return dataclasses.replace(rollouts[0], **changes)
 
 
@@ -242,6 +296,9 @@ def _padded(r: Rollout, prompt_len: int, length: int, offset: int) -> dict[str, 
     for name in ("response_ids", "response_mask", *_TOKEN_FIELDS):
         if out[name] is not None:
             out[name] = torch.nn.functional.pad(out[name], (0, right))
+    if r.ref_head is not None:
+        hidden = torch.nn.functional.pad(r.ref_head.hidden, (0, 0, 0, right))
+        out["ref_head"] = dataclasses.replace(r.ref_head, hidden=hidden)
     out["prompt_index"] = r.prompt_index + offset
     return out
 

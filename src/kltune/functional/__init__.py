@@ -20,6 +20,9 @@ from kltune.functional._advantages import (
     rloo_advantages as rloo_advantages,
 )
 from kltune.functional._head import (
+    kl_exact_from_hidden as kl_exact_from_hidden,
+)
+from kltune.functional._head import (
     logprobs_from_hidden as logprobs_from_hidden,
 )
 from kltune.functional._kl import (
@@ -100,6 +103,7 @@ __all__ = [
     "gae",
     "grpo_advantages",
     "kl_exact",
+    "kl_exact_from_hidden",
     "kl_k1",
     "kl_k2",
     "kl_k3",

@@ -266,3 +266,163 @@ def _apply(
     return logprobs.reshape(tokens.shape), entropy.reshape(
         tokens.shape
     ) if with_entropy else entropy
+
+
+def _head_logits(
+    hidden: Tensor, weight: Tensor | None, bias: Tensor | None, temperature: float
+) -> Tensor:
+    """One chunk's ``(hidden Wᵀ + b) / τ`` in the loss dtype; without a weight,
+    ``hidden`` already holds the logits."""
+    if weight is None:
+        logits = hidden.to(_loss_dtype(hidden.dtype))
+        return logits / temperature if temperature != 1.0 else logits
+    return _chunk_logits(hidden, weight, bias, temperature)
+
+
+class _HeadKL(torch.autograd.Function):
+    """Exact KL(softmax(z) ‖ softmax(z_ref)) per row, z = (h Wᵀ + b)/τ, in chunks.
+
+    Gradient to the policy side only, recomputing each chunk in backward:
+    ∂KL/∂z = p ⊙ (log p − log q − KL).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        ref_hidden: Tensor,
+        ref_weight: Tensor | None,
+        ref_bias: Tensor | None,
+        temperature: float,
+        chunk: int,
+    ) -> Tensor:
+        rows = hidden.shape[0]
+        kl = hidden.new_empty(rows, dtype=_loss_dtype(hidden.dtype))
+        for start in range(0, rows, chunk):
+            stop = start + chunk
+            log_p = torch.log_softmax(
+                _head_logits(hidden[start:stop], weight, bias, temperature), dim=-1
+            )
+            log_q = torch.log_softmax(
+                _head_logits(ref_hidden[start:stop], ref_weight, ref_bias, temperature), dim=-1
+            )
+            kl[start:stop] = torch.linalg.vecdot(log_p.exp(), log_p - log_q.to(log_p.dtype))
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight and weight is not None else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            h = hidden[start:stop]
+            log_p = torch.log_softmax(_head_logits(h, weight, bias, ctx.temperature), dim=-1)
+            log_q = torch.log_softmax(
+                _head_logits(ref_hidden[start:stop], ref_weight, ref_bias, ctx.temperature),
+                dim=-1,
+            )
+            g = grad_kl[start:stop, None].to(log_p.dtype) / ctx.temperature
+            grad_z = log_p.exp() * (log_p - log_q.to(log_p.dtype) - kl[start:stop, None]) * g
+            if weight is None:
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = grad_z.to(hidden.dtype)
+                continue
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_z.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_z.t() @ h.to(grad_z.dtype)).to(weight.dtype)
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def kl_exact_from_hidden(
+    hidden: Float[Tensor, "B T D"],
+    weight: Float[Tensor, "V D"] | None,
+    ref_hidden: Float[Tensor, "B T Dr"],
+    ref_weight: Float[Tensor, "V Dr"] | None,
+    temperature: float = 1.0,
+    bias: Float[Tensor, " V"] | None = None,
+    ref_bias: Float[Tensor, " V"] | None = None,
+    chunk_tokens: int = DEFAULT_HEAD_CHUNK,
+) -> Float[Tensor, "B T"]:
+    r"""Exact per-position KL(π ‖ π_ref) over the vocabulary, from both models' last
+    hidden states and output layers, a chunk of positions at a time.
+
+    .. math::
+        \mathrm{KL}_t = \sum_v \pi_t(v)\bigl(\log\pi_t(v) - \log\pi_{\text{ref},t}(v)\bigr),
+        \quad \pi_t = \operatorname{softmax}\bigl((h_t W^\top + b)/\tau\bigr)
+
+    The same numbers as :func:`kl_exact` on the two models' logits, without ever
+    holding a [B, T, V] tensor of either model: each chunk of ``chunk_tokens``
+    positions is projected through both output layers, reduced and dropped, and
+    backward projects it again. The gradient flows to the policy side
+    (``hidden``, ``weight``, ``bias``), using
+    :math:`\partial\mathrm{KL}_t/\partial z_t = \pi_t \odot (\log\pi_t - \log\pi_{\text{ref},t} - \mathrm{KL}_t)`;
+    the reference side is treated as a constant.
+
+    Args:
+        hidden: the policy's last hidden states at the positions that predict each
+            response token, or its logits when ``weight`` is None.
+        weight: the policy's output layer, [V, D] (None: ``hidden`` holds logits).
+        ref_hidden: the reference's, likewise (its width may differ).
+        ref_weight: the reference's output layer (None: ``ref_hidden`` holds logits).
+        temperature: τ > 0, applied to both models' logits.
+        bias, ref_bias: the output layers' biases, if any.
+        chunk_tokens: positions per chunk.
+
+    Returns:
+        KL per position, [B, T], float32 (float64 for float64 inputs), ≥ 0 up to rounding.
+
+    Raises:
+        ValueError: shapes that do not fit together (the two models' vocabularies
+            or the positions differ), τ not a finite number > 0, ``chunk_tokens`` < 1.
+
+    Example:
+        >>> hidden = torch.tensor([[[1.0, 0.0]]])
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> kl_exact_from_hidden(hidden, weight, torch.zeros(1, 1, 2), weight)
+        tensor([[0.1201]])
+    """
+    check_rank(hidden, 3, name="hidden", axes="B T D")
+    check_rank(ref_hidden, 3, name="ref_hidden", axes="B T D")
+    check_floating(hidden=hidden, ref_hidden=ref_hidden)
+    check_positive(temperature, name="temperature")
+    check_count(chunk_tokens, name="chunk_tokens")
+    if hidden.shape[:2] != ref_hidden.shape[:2]:
+        raise ValueError(
+            f"hidden has shape {tuple(hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)}: "
+            "both must hold the same [B, T] positions"
+        )
+    vocab = []
+    for side, h, w, b in (("", hidden, weight, bias), ("ref_", ref_hidden, ref_weight, ref_bias)):
+        if w is None:
+            vocab.append(h.shape[-1])
+            continue
+        check_rank(w, 2, name=f"{side}weight", axes="V D")
+        if w.shape[1] != h.shape[-1]:
+            raise ValueError(
+                f"{side}weight has shape {tuple(w.shape)} but {side}hidden has width "
+                f"{h.shape[-1]}; expected [V, {h.shape[-1]}]"
+            )
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{side}bias has shape {tuple(b.shape)}; expected ({w.shape[0]},)")
+        vocab.append(w.shape[0])
+    if vocab[0] != vocab[1]:
+        raise ValueError(
+            f"the policy has a vocabulary of {vocab[0]} and the reference of {vocab[1]}: the "
+            "exact KL needs both distributions over one vocabulary"
+        )
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_ref = ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
+    ref_w = None if ref_weight is None else ref_weight.detach()
+    ref_b = None if ref_bias is None else ref_bias.detach()
+    kl = _HeadKL.apply(flat, weight, bias, flat_ref, ref_w, ref_b, float(temperature), chunk_tokens)
+    return kl.reshape(hidden.shape[:2])
