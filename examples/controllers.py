@@ -17,7 +17,7 @@ from experiment import Arm, parse_args, run_arm, selected
 import kltune
 from kltune.plots import plot_runs, read_metrics
 
-TARGET = 3.0  # nats per completion
+TARGET = 6.0  # nats per completion, as Ziegler et al. for sentiment
 
 args = parse_args(__doc__, iterations=48, seeds=[0], out="runs/controllers")
 arms = [

@@ -24,7 +24,7 @@ class Arm:
 
     name: str
     controller: Callable[[], kltune.KLController] = lambda: kltune.AdaptiveKLController(
-        beta=0.1, target=3.0
+        beta=0.1, target=6.0
     )
     baseline: str = "mean"  # mean | ema | rloo | grpo | prompt_value | gae
     kl: Callable[[], kltune.KLPenalty] = kltune.KLPenalty  # k1 in the reward

@@ -45,6 +45,7 @@ PUBLIC_MODULES = (
     "kltune.loading",
     "kltune.rewards",
     "kltune.kl_control",
+    "kltune.kl_gradients",
     "kltune.baselines",
     "kltune.objective",
     "kltune.loop",

@@ -350,7 +350,9 @@ GRADIENTS: Mapping[tuple[str, str], str] = types.MappingProxyType(
         ("kl_k2", "reward+loss"): "biased: the token's own KL counted twice",
         ("kl_k3", "reward"): "biased: ∇KL(π‖π_ref) − ∇KL(π_ref‖π) per token, ~0 near π_ref",
         ("kl_k3", "loss"): "token-local ∇KL(π_ref‖π): the forward KL",
-        ("kl_k3", "reward+loss"): "biased mix",
+        ("kl_k3", "reward+loss"): (
+            "∇KL(π‖π_ref), unbiased: the loss's ∇KL(π_ref‖π) cancels the reward's"
+        ),
         ("kl_k3_st", "reward"): "biased: as kl_k3 (same value)",
         ("kl_k3_st", "loss"): "token-local ∇KL(π‖π_ref), as kl_k2",
         ("kl_k3_st", "reward+loss"): "biased: the token's own KL counted twice",
@@ -368,6 +370,7 @@ SOUND = frozenset(
         ("kl_k1", "reward"),
         ("kl_k1", "reward+loss"),
         ("kl_k2", "loss"),
+        ("kl_k3", "reward+loss"),
         ("kl_k3_st", "loss"),
         ("kl_exact", "loss"),
         ("kl_exact", "reward+loss"),

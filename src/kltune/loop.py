@@ -365,7 +365,13 @@ def optimise(
     generator: torch.Generator,
     state: LoopState,
 ) -> tuple[LoopState, list[dict[str, Tensor]]]:
-    """PPO epochs over shuffled minibatches; a non-finite step is skipped, never applied."""
+    """PPO epochs over shuffled minibatches; a non-finite step is skipped, never applied.
+
+    With the KL penalty in both the reward and the loss, the loss term's β is
+    multiplied by the whitening scale of the advantages, keeping the two parts'
+    balance (their sum is ∇KL only at equal scale)."""
+    if blocks.objective.kl.in_reward and blocks.objective.kl.in_loss:
+        beta = beta * buffer.advantage_scale
     size = len(buffer) if optimisation.minibatch_size is None else optimisation.minibatch_size
     history = []
     for minibatch in buffer.minibatches(size, optimisation.epochs, generator):
@@ -526,7 +532,8 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
     - ``policy/approx_kl`` > 0.5 nats or ``policy/clipfrac`` > 0.5: the optimiser
       moves the policy much further per step than the clipped objective can
       correct; the usual cause is a learning rate too high (or too many epochs).
-    - ``kl/mean`` below −0.05 nats per completion (beyond estimator noise): the
+    - ``kl/mean`` below −0.05 nats per completion and more than four standard
+      errors (``kl/mean_stderr``) below 0, so beyond the estimator's noise: the
       sampled tokens are on average more likely under π_ref than under the π
       that is said to have drawn them, which cannot happen when the behaviour
       logprobs are those of the sampling distribution (the k1 mean is then an
@@ -546,7 +553,8 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
             TrainingHealthWarning,
             stacklevel=2,
         )
-    if metrics.get("kl/mean", 0.0) < -0.05:
+    kl_mean = metrics.get("kl/mean", 0.0)
+    if kl_mean < -0.05 and kl_mean < -4 * metrics.get("kl/mean_stderr", 0.0):
         warnings.warn(
             f"the KL estimate to the reference is negative ({metrics['kl/mean']:.3f} nats per "
             "completion), which a KL never is: the tokens were not drawn from the "
@@ -581,6 +589,9 @@ def rollout_metrics(rollout: Rollout, kl_tokens: Tensor, beta: float) -> Metrics
         "reward/score_mean": float(rollout.scores.mean()),
         "reward/score_std": float(rollout.scores.std()) if len(rollout) > 1 else 0.0,
         "kl/mean": float(kl_per_sequence.mean()),
+        "kl/mean_stderr": float(kl_per_sequence.std() / math.sqrt(len(rollout)))
+        if len(rollout) > 1
+        else 0.0,
         "kl/per_token": float(KF.masked_mean(kl_tokens, mask)),
         "kl/beta": float(beta),
         "reward/shaped_return_mean": float(

@@ -324,6 +324,10 @@ class RolloutBuffer:
     """
 
     rollout: Rollout
+    #: What whitening multiplied the advantages by (1/σ; 1 before whitening). A KL
+    #: penalty in the reward *and* the loss scales its loss term by it, so that the
+    #: two parts keep the balance that makes their sum ∇KL.
+    advantage_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.rollout)
@@ -349,9 +353,12 @@ class RolloutBuffer:
             raise ValueError("whitened() needs advantages; run a Baseline first")
         if all_reduce is None:
             whitened = KF.masked_whiten(advantages, mask, shift_mean)
+            scale = float(torch.rsqrt(KF.masked_var(advantages.double(), mask) + 1e-8))
         else:
-            whitened = _whiten_over_processes(advantages, mask, shift_mean, all_reduce)
-        return RolloutBuffer(self.rollout.replace(advantages=whitened))
+            whitened, scale = _whiten_over_processes(advantages, mask, shift_mean, all_reduce)
+        return RolloutBuffer(
+            self.rollout.replace(advantages=whitened), self.advantage_scale * scale
+        )
 
     def minibatches(
         self, minibatch_size: int, epochs: int = 1, generator: torch.Generator | None = None
@@ -396,16 +403,17 @@ class RolloutBuffer:
 
 def _whiten_over_processes(
     x: Tensor, mask: Tensor, shift_mean: bool, all_reduce: Callable[[Tensor], Tensor]
-) -> Tensor:
+) -> tuple[Tensor, float]:
     """:func:`kltune.functional.masked_whiten` with statistics summed over processes
-    (two passes: the mean, then the squared deviations from it)."""
+    (two passes: the mean, then the squared deviations from it), and 1/σ."""
     x64 = x.double()
     total, count = all_reduce(torch.stack([KF.masked_sum(x64, mask), mask.sum().double()]))
     if count == 0:
         raise ValueError("no real token to whiten over, on any process")
     mean = total / count
     variance = all_reduce(KF.masked_sum((x64 - mean) ** 2, mask)) / count
-    out = (x64 - mean) * torch.rsqrt(variance + 1e-8)
+    scale = torch.rsqrt(variance + 1e-8)
+    out = (x64 - mean) * scale
     if not shift_mean:
         out = out + mean
-    return out.to(x.dtype).masked_fill(~mask, 0.0)
+    return out.to(x.dtype).masked_fill(~mask, 0.0), float(scale)
