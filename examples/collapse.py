@@ -20,12 +20,12 @@ arms = [
     Arm(name="beta=0", controller=lambda: kltune.FixedKLController(beta=0.0)),
     Arm(
         name="adaptive KL",
-        # horizon 16 = one batch: beta may move 20% per iteration, fast enough for 20 iterations
-        controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=16),
+        # the default horizon (32 completions): beta may move 10% per iteration at 16
+        controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=6.0),
     ),
     Arm(
         name="KL constraint",
-        controller=lambda: kltune.ConstraintKLController(beta=0.1, target=2.0, step_size=0.05),
+        controller=lambda: kltune.ConstraintKLController(beta=0.1, target=6.0, step_size=0.05),
     ),
 ]
 folders = {

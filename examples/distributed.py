@@ -68,7 +68,7 @@ def main() -> None:
         optimizer=torch.optim.Adam(policy.parameters(), lr=1e-4 if args.smoke else 1e-5),
     )
     state = kltune.LoopState(
-        controller=kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=16),
+        controller=kltune.AdaptiveKLController(beta=0.1, target=6.0),
         baseline=kltune.GAEBaseline(),
     )
     state = kltune.train(

@@ -18,7 +18,7 @@ from kltune.plots import plot_runs, summary_table
 args = parse_args(__doc__, iterations=20, out="runs/sentiment")
 arm = Arm(
     name="adaptive KL",
-    controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=2.0, horizon=16),
+    controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=6.0),
 )
 runs = [run_arm(arm, args, seed) for seed in args.seeds]
 

@@ -178,3 +178,25 @@ def test_the_sound_cells_pull_toward_the_reference(sequence_gradients) -> None:
         got, truth, _ = sequence_gradients[cell]
         cosine, _ = cosine_and_norm_ratio(got, truth)
         assert cosine > 0.5, (cell, cosine)  # a step against `got` lowers the KL
+
+
+# ── later PPO epochs: samples from the behaviour policy ──────────────────────
+
+
+@pytest.mark.parametrize("name", ["kl_k2", "kl_k3_st"])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_importance_weighting_keeps_the_current_policys_gradient(name, weighted) -> None:
+    # Tokens drawn from π_old ≠ π_θ (a later epoch): E_{π_old}[∇ sg(ρ)·k] = ∇KL(π_θ‖π_ref).
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(VOCAB, generator=g, dtype=torch.float64)
+    old = ref + 0.5 * torch.randn(VOCAB, generator=g, dtype=torch.float64)
+    theta = (old + 0.5 * torch.randn(VOCAB, generator=g, dtype=torch.float64)).requires_grad_()
+    logp, ref_lp, old_lp = (torch.log_softmax(x, -1) for x in (theta, ref, old))
+    penalty = KLPenalty(estimator=getattr(KF, name), placement="loss", importance_weighted=weighted)
+    term = penalty.loss_kl(logp[None], ref_lp[None], old_lp[None])[0]
+    got = flat_gradient((old_lp.exp() * term).sum(), [theta])
+    truth = flat_gradient((logp.exp() * (logp - ref_lp)).sum(), [theta])
+    if weighted:
+        torch.testing.assert_close(got, truth, rtol=1e-9, atol=1e-12)
+    else:  # the uncorrected term follows π_old's weights: off by a visible margin
+        assert not torch.allclose(got, truth, rtol=1e-2)

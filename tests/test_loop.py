@@ -204,6 +204,10 @@ def test_health_warnings_name_the_likely_cause() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_unhealthy({"policy/approx_kl": 0.01, "policy/clipfrac": 0.1, "kl/mean": 0.5})
+        # k1's batch mean can be below 0 by noise: no warning within 4 standard errors
+        warn_if_unhealthy({"kl/mean": -0.3, "kl/mean_stderr": 0.1})
+    with pytest.warns(TrainingHealthWarning, match="temperature"):
+        warn_if_unhealthy({"kl/mean": -0.5, "kl/mean_stderr": 0.1})
 
 
 @pytest.mark.parametrize("value_head", [False, True])
@@ -337,3 +341,32 @@ def test_the_loop_keeps_freed_memory_for_a_cpu_policy_unless_told_not_to(
         torch.Generator().manual_seed(0),
     )
     assert len(calls) == expected
+
+
+def test_the_exact_kl_needs_a_reference_with_heads_when_blocks_are_built() -> None:
+    blocks, _ = tiny_blocks()
+
+    class LogprobsOnly:
+        def logprobs(self, rollout: kltune.Rollout) -> torch.Tensor:
+            return blocks.reference.logprobs(rollout)
+
+    objective = kltune.PPOObjective(kl=kltune.KLPenalty(placement="reward+loss"))
+    fields = {**blocks.__dict__, "objective": objective, "reference": LogprobsOnly()}
+    with pytest.raises(TypeError, match=r"exact-KL penalty needs a reference with next_token_head"):
+        kltune.Blocks(**fields)
+    kltune.Blocks(**{**fields, "objective": kltune.PPOObjective()})  # k1 needs logprobs only
+
+
+def test_the_reference_head_travels_with_minibatches_and_concat() -> None:
+    blocks, _ = tiny_blocks(kl=kltune.KLPenalty(placement="reward+loss"))
+    rollout = collect_rollout(blocks.policy, PROMPTS, SAMPLING, torch.Generator().manual_seed(0))
+    rollout = score_reference(blocks.reference, rollout, blocks.objective.kl)
+    assert rollout.ref_head is not None
+    part = rollout.select(torch.tensor([4, 1]))
+    assert part.ref_head is not None
+    assert torch.equal(part.ref_head.hidden, rollout.ref_head.hidden[[4, 1]])
+    assert part.ref_head.weight is rollout.ref_head.weight
+    both = kltune.Rollout.concat([rollout, part])
+    assert both.ref_head is not None and both.ref_head.hidden.shape[0] == len(rollout) + 2
+    with pytest.raises(ValueError, match="ref_head must cover"):
+        rollout.replace(ref_head=part.ref_head)

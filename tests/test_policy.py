@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import kltune
+import kltune.functional as KF
 from kltune import AdapterOffReference, FrozenReference, Policy, Rollout
 from strategies import without_runtime_typecheck
 
@@ -589,11 +590,44 @@ def test_adapter_off_reference_is_the_base_model_after_training() -> None:
     print(f"adapter off vs frozen copy: max |Δ logprob| = {gap:.2e}")
     assert gap < ATOL
     assert torch.allclose(adapter_off.logits(r), frozen.logits(r), atol=ATOL)
+    on, off = policy.next_token_head(r), adapter_off.next_token_head(r)
+    kl_heads = KF.kl_exact_from_hidden(on.hidden, on.weight, off.hidden, off.weight)
+    kl_logits = KF.kl_exact(_logits(policy, r), frozen.logits(r))
+    assert torch.allclose(kl_heads, kl_logits, atol=1e-5) and float(kl_heads.max()) > 1e-4
     # the adapter is switched back on afterwards
     assert torch.equal(policy.score(r).logprobs.detach(), trained)
     # and a new rollout samples from the trained policy, whose logprobs score() reproduces
     again = policy.rollout(PROMPTS, max_new_tokens=6, generator=_gen(1))
     assert _max_gap(policy.score(again).logprobs, again.old_logprobs, again.response_mask) < ATOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("entropy_with_grad", [False, True])
+def test_next_token_heads_give_the_exact_kl_of_the_logits(arch, entropy_with_grad) -> None:
+    # The fused path gives hidden states and the output layer, the model's own forward
+    # (entropy with gradient) gives logits: both must give kl_exact of the full logits,
+    # and its gradient must reach the policy's weights.
+    policy = _policy(arch, eos_bias=EOS_BIAS)
+    reference = FrozenReference(policy)
+    r = policy.rollout(PROMPTS, max_new_tokens=6, completions_per_prompt=2, generator=_gen())
+    _train_steps(policy, r)
+    out = policy.score(r, entropy_with_grad=entropy_with_grad, with_head=True)
+    assert out.head is not None and (out.head.weight is None) == entropy_with_grad
+    ref_head = reference.next_token_head(r)
+    kl = KF.kl_exact_from_hidden(
+        out.head.hidden,
+        out.head.weight,
+        ref_head.hidden,
+        ref_head.weight,
+        bias=out.head.bias,
+        ref_bias=ref_head.bias,
+    )
+    expected = KF.kl_exact(_logits(policy, r), reference.logits(r))
+    assert torch.allclose(kl.detach(), expected, atol=1e-5) and float(expected.max()) > 1e-3
+    kl.sum().backward()
+    head_weight = policy.model.get_output_embeddings().weight
+    assert head_weight.grad is not None and float(head_weight.grad.abs().sum()) > 0
+    assert policy.score(r).head is None  # only when asked
 
 
 def test_public_names() -> None:

@@ -255,6 +255,13 @@ class ConstraintKLController:
         ``n_samples`` does not enter the update: each update is one dual step,
         whatever the batch size. Average the KL over the batch before calling.
 
+        At the start of a run the policy is the reference and the KL is 0: the
+        constraint is slack, so β falls by ``step_size * target`` per update,
+        to 0 with the defaults of the example above, and stays there until the
+        KL first exceeds the target. The first iterations then train without a
+        penalty and the KL overshoots the target once. Choose ``step_size *
+        target < beta`` to keep a penalty from the start.
+
     References:
         S. Boyd and L. Vandenberghe, "Convex Optimization", 2004, section 5
         (Lagrange duality); the constrained-RL use of the rule: Tessler et al.,
