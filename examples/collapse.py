@@ -1,4 +1,4 @@
-"""Why the KL penalty matters: beta = 0 against a KL penalty and a KL constraint.
+"""Why the KL penalty matters: beta = 0 against a fixed, an adaptive and a constrained penalty.
 
 Same model, prompts, reward and seeds in every arm. Without the penalty the
 policy is free to drift to whatever string VADER likes best and its
@@ -6,18 +6,25 @@ completions collapse; with it they stay close to the reference, fluent and
 diverse. Reports distinct-2, unique-completion ratio, KL and reward at the
 end, with example completions from each arm.
 
-    python examples/collapse.py --iterations 20 --seeds 0 1 2 --out runs/collapse
+Every arm: 16 completions per iteration (8 prompts × 2) of at most 32 tokens,
+the KL penalty's default (k1 in the reward), 100 iterations.
+
+    python examples/collapse.py --iterations 100 --seeds 0 1 2 --out runs/collapse
     python examples/collapse.py --smoke --out runs/smoke/collapse
 """
+
+import dataclasses
 
 from experiment import Arm, final_samples, parse_args, run_arm, selected
 
 import kltune
 from kltune.plots import plot_runs, summary_table
 
-args = parse_args(__doc__, iterations=20, seeds=[0, 1, 2], out="runs/collapse")
+args = parse_args(__doc__, iterations=100, seeds=[0, 1, 2], out="runs/collapse")
+TOKENS = 32
 arms = [
     Arm(name="beta=0", controller=lambda: kltune.FixedKLController(beta=0.0)),
+    Arm(name="fixed beta=0.2", controller=lambda: kltune.FixedKLController(beta=0.2)),
     Arm(
         name="adaptive KL",
         # the default horizon (32 completions): beta may move 10% per iteration at 16
@@ -28,19 +35,35 @@ arms = [
         controller=lambda: kltune.ConstraintKLController(beta=0.1, target=6.0, step_size=0.05),
     ),
 ]
+arms = [dataclasses.replace(arm, max_new_tokens=TOKENS) for arm in arms]
 folders = {
     arm.name: [run_arm(arm, args, seed)[0] for seed in args.seeds] for arm in selected(arms, args)
 }
 metrics = {name: [f / "metrics.jsonl" for f in runs] for name, runs in folders.items()}
 
-plot = plot_runs(metrics, args.out / "collapse.png", title="beta = 0 against a KL penalty")
+plot = plot_runs(
+    metrics,
+    args.out / "collapse.png",
+    keys=[
+        "reward/score_mean",
+        "kl/mean",
+        "kl/beta",
+        "policy/entropy",
+        "diversity/distinct_2",
+        "diversity/self_bleu",
+    ],
+    title="beta = 0 against a KL penalty",
+)
 keys = [
     "reward/score_mean",
     "kl/mean",
+    "kl/beta",
+    "policy/entropy",
+    "diversity/distinct_1",
     "diversity/distinct_2",
     "diversity/unique_fraction",
     "diversity/self_bleu",
-    "policy/entropy",
+    "collapse/flag",
 ]
 lines = [
     "# Collapse at beta = 0",
