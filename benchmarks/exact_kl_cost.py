@@ -59,7 +59,7 @@ def main() -> None:
         runs[name] = [blocks, state, []]
     generator = torch.Generator().manual_seed(0)
     for round_ in range(args.rounds + 1):  # the first round warms up and is not timed
-        for name, run in runs.items():
+        for run in runs.values():
             blocks, state, times = run
             start = time.perf_counter()
             run[1], _, _ = ppo_iteration(prompts, blocks, state, sampling, optimisation, generator)

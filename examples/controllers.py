@@ -7,6 +7,7 @@ Reports, over the second half of each run, the mean KL, the mean tracking error
 and β; plots KL and β against the target per iteration.
 
     python examples/controllers.py --iterations 48 --out runs/controllers
+    python examples/controllers.py --placement reward+loss --out runs/controllers-exact
     python examples/controllers.py --smoke --out runs/smoke/controllers
 """
 

@@ -7,6 +7,7 @@ Read :func:`build_blocks` to see a full PPO+KL set-up in one screen.
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -50,6 +51,12 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(defaults.get("out", "runs/example")))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process)")
     parser.add_argument("--arms", nargs="+", help="run only these arms (names)")
+    parser.add_argument("--lr", type=float, help="Adam's learning rate for every arm")
+    parser.add_argument(
+        "--placement",
+        choices=["reward", "loss", "reward+loss"],
+        help="the KL penalty of every arm: KLPenalty(placement=...) with its default estimator",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -123,6 +130,12 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
     """Train one arm for one seed; returns its folder (metrics.jsonl, samples.jsonl,
     run.json) and the trained blocks (None when the run was already complete)."""
     arm = smoke_arm(arm) if args.smoke else arm
+    if getattr(args, "lr", None) is not None:
+        arm = dataclasses.replace(arm, lr=args.lr)
+    if getattr(args, "placement", None) is not None:
+        arm = dataclasses.replace(
+            arm, kl=functools.partial(kltune.KLPenalty, placement=args.placement)
+        )
     out = args.out / arm.name.replace(" ", "_") / f"seed{seed}"
     if (out / "run.json").is_file():
         print(f"{out} is complete; skipping")

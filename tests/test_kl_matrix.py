@@ -18,11 +18,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import kltune.functional as KF
 from kltune.kl_control import GRADIENTS, SOUND, KLPenalty
-from kltune.kl_gradients import EnumeratedCompletions, cosine_and_norm_ratio, flat_gradient
+from kltune.kl_gradients import (
+    EnumeratedCompletions,
+    cosine_and_norm_ratio,
+    flat_gradient,
+    perturbed_sequences,
+)
 
 VOCAB = 5
 CELLS = sorted(GRADIENTS)
@@ -106,42 +110,12 @@ def test_k3_in_the_reward_has_almost_no_pull_near_the_reference() -> None:
 # ── three tokens: a tiny Llama, where a token changes the KL after it ────────
 
 
-def _tiny_llama(seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=8,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).double().eval()
-
-
-def _sequences(epsilon: float, length: int = 3) -> tuple[EnumeratedCompletions, list[torch.Tensor]]:
-    reference = _tiny_llama(seed=0)
-    policy = _tiny_llama(seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in policy.parameters():
-            param.add_(epsilon * torch.randn(param.shape, generator=g, dtype=param.dtype))
-    tokens = torch.cartesian_prod(*[torch.arange(VOCAB)] * length)  # [V^T, T]
-    ids = torch.cat([torch.zeros(len(tokens), 1, dtype=torch.long), tokens[:, :-1]], dim=1)
-    logits = policy(input_ids=ids).logits
-    with torch.no_grad():
-        ref_logits = reference(input_ids=ids).logits
-    return EnumeratedCompletions(logits, ref_logits, tokens), list(policy.parameters())
-
-
 @pytest.fixture(scope="module")
 def sequence_gradients() -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Each cell's expected gradient, with ∇KL and its token-local part, at ε = 0.5."""
     out = {}
     for cell in CELLS:
-        table, params = _sequences(0.5)
+        table, params = perturbed_sequences(0.5)
         got = flat_gradient(table.penalty_objective(_penalty(*cell)), params)
         truth = flat_gradient(table.true_kl(), params)
         local = flat_gradient(table.local_kl(), params)

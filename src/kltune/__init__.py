@@ -59,6 +59,9 @@ if TYPE_CHECKING:
         KLPenalty as KLPenalty,
     )
     from kltune.kl_control import (
+        KLPenaltyWarning as KLPenaltyWarning,
+    )
+    from kltune.kl_control import (
         controller_from_state as controller_from_state,
     )
     from kltune.loading import (
@@ -151,6 +154,7 @@ _EXPORTS = {
     "GroupNormBaseline": "kltune.baselines",
     "KLController": "kltune.kl_control",
     "KLPenalty": "kltune.kl_control",
+    "KLPenaltyWarning": "kltune.kl_control",
     "LearnedBaseline": "kltune.baselines",
     "LeaveOneOutBaseline": "kltune.baselines",
     "LengthReward": "kltune.rewards",
@@ -215,6 +219,7 @@ __all__ = [
     "GroupNormBaseline",
     "KLController",
     "KLPenalty",
+    "KLPenaltyWarning",
     "LearnedBaseline",
     "LeaveOneOutBaseline",
     "LengthReward",

@@ -354,7 +354,9 @@ GRADIENTS: Mapping[tuple[str, str], str] = types.MappingProxyType(
         ("kl_k1", "reward+loss"): "∇KL(π‖π_ref), unbiased (the loss part adds nothing)",
         ("kl_k2", "reward"): "biased: a score-function gradient of E[k2], not ∇KL",
         ("kl_k2", "loss"): "token-local ∇KL(π‖π_ref): each visited state's KL, states held fixed",
-        ("kl_k2", "reward+loss"): "biased: the token's own KL counted twice",
+        ("kl_k2", "reward+loss"): (
+            "biased: token-local ∇KL(π‖π_ref) plus k2's biased score-function term"
+        ),
         ("kl_k3", "reward"): "biased: ∇KL(π‖π_ref) − ∇KL(π_ref‖π) per token, ~0 near π_ref",
         ("kl_k3", "loss"): "token-local ∇KL(π_ref‖π): the forward KL",
         ("kl_k3", "reward+loss"): (
@@ -362,7 +364,9 @@ GRADIENTS: Mapping[tuple[str, str], str] = types.MappingProxyType(
         ),
         ("kl_k3_st", "reward"): "biased: as kl_k3 (same value)",
         ("kl_k3_st", "loss"): "token-local ∇KL(π‖π_ref), as kl_k2",
-        ("kl_k3_st", "reward+loss"): "biased: the token's own KL counted twice",
+        ("kl_k3_st", "reward+loss"): (
+            "biased: ∇KL(π‖π_ref) plus the token-local ∇KL(π‖π_ref) − ∇KL(π_ref‖π)"
+        ),
         ("kl_exact", "reward"): "only the effect on later tokens' KL (zero for one token)",
         ("kl_exact", "loss"): "token-local ∇KL(π‖π_ref), no sampling noise",
         ("kl_exact", "reward+loss"): "∇KL(π‖π_ref), unbiased",
@@ -508,8 +512,8 @@ class KLPenalty:
                 f"e.g. kltune.functional.kl_k1; got {self.estimator!r}"
             )
         name = _name_of(self.estimator)
-        cell = (name, self.placement)
-        if name is not None and cell not in SOUND and not self.allow_biased:
+        if name is not None and (name, self.placement) not in SOUND and not self.allow_biased:
+            cell = (name, self.placement)
             better = DEFAULT_ESTIMATOR[self.placement]
             if name == "kl_exact" and self.placement == "reward":
                 advice = "placement='reward+loss' for the exact KL"
@@ -530,7 +534,7 @@ class KLPenalty:
     def name(self) -> str:
         """The estimator's name (``"kl_k1"``, ...; a user's function: its ``__name__``)."""
         assert self.estimator is not None
-        return _name_of(self.estimator) or getattr(self.estimator, "__name__", "custom")
+        return _name_of(self.estimator) or str(getattr(self.estimator, "__name__", "custom"))
 
     @property
     def exact(self) -> bool:

@@ -41,8 +41,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 import kltune.functional as KF
-from kltune.kl_control import KLPenalty
-from kltune.rollout import NextTokenHead
+from kltune.baselines import MeanBaseline
+from kltune.kl_control import FixedKLController, KLPenalty
+from kltune.loading import tiny_random_model
+from kltune.loop import Blocks, LoopState, Optimisation, Sampling, ppo_iteration
+from kltune.objective import PPOObjective
+from kltune.policy import FrozenReference, HeadReference, Policy
+from kltune.rollout import NextTokenHead, Rollout
 
 __all__ = ["EnumeratedCompletions", "cosine_and_norm_ratio", "flat_gradient"]
 
@@ -145,3 +150,112 @@ def cosine_and_norm_ratio(got: Tensor, truth: Tensor) -> tuple[float, float]:
     """Cosine between two gradients and the ratio of their norms, ``|got| / |truth|``."""
     cosine = float(torch.nn.functional.cosine_similarity(got, truth, dim=0))
     return cosine, float(got.norm() / truth.norm())
+
+
+# ── worked set-ups: the ones the tests and examples/kl_estimators.py use ──────
+
+
+def perturbed_sequences(
+    epsilon: float, length: int = 3, vocab: int = 5, noise_seed: int = 1
+) -> tuple[EnumeratedCompletions, list[Tensor]]:
+    """All ``vocab**length`` completions of a tiny float64 Llama whose weights are a
+    reference's plus Gaussian noise of size ``epsilon``: where a token also changes
+    the KL of the tokens after it. Returns the table and the policy's parameters.
+
+    Llama's RMSNorm computes in float32 even in a float64 model, so gradients
+    through it carry float32 rounding (~1e-7 relative).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model() -> LlamaForCausalLM:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=length + 1,
+            tie_word_embeddings=False,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return LlamaForCausalLM(config).double().eval()
+
+    reference, policy = model(), model()
+    noise = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(epsilon * torch.randn(param.shape, generator=noise, dtype=param.dtype))
+    tokens = torch.cartesian_prod(*[torch.arange(vocab)] * length).reshape(-1, length)
+    ids = torch.cat([torch.zeros(len(tokens), 1, dtype=torch.long), tokens[:, :-1]], dim=1)
+    with torch.no_grad():
+        ref_logits = reference(input_ids=ids).logits
+    table = EnumeratedCompletions(policy(input_ids=ids).logits, ref_logits, tokens)
+    return table, list(policy.parameters())
+
+
+def exact_kl_per_completion(policy: Policy, reference: HeadReference, rollout: Rollout) -> float:
+    """The exact KL(π‖π_ref) summed over the vocabulary at every response position,
+    per completion, on ``rollout``'s completions (no gradient)."""
+    with torch.no_grad():
+        head, ref = policy.next_token_head(rollout), reference.next_token_head(rollout)
+        kl = KF.kl_exact_from_hidden(
+            head.hidden,
+            head.weight,
+            ref.hidden,
+            ref.weight,
+            rollout.temperature,
+            bias=head.bias,
+            ref_bias=ref.bias,
+        )
+        return float(KF.masked_sum(kl, rollout.response_mask) / len(rollout))
+
+
+def pull_back(
+    penalty: KLPenalty, iterations: int = 40, *, lr: float = 3e-3, noise: float = 0.05
+) -> list[float]:
+    """Does ``penalty`` alone pull a policy back to its reference, through the whole loop?
+
+    A tiny random Llama policy is moved away from its frozen reference by Gaussian
+    noise on every weight, the task reward is 0 for every completion (the penalty is
+    the only signal), and ``ppo_iteration`` runs with β = 1 (Adam, ``lr``). Returns
+    the exact KL per completion on a fixed sample of 32 of the policy's completions,
+    before and after each iteration. A sound penalty lowers it; in this set-up each
+    placement's default halves it within 40 iterations and k3 in the reward lets it
+    grow (``tests/test_kl_pullback.py``).
+    """
+    prompts = ["The movie", "A film about", "I think", "Acting"]
+    model, tokenizer = tiny_random_model("llama", seed=0)
+    policy = Policy(model, tokenizer)
+    reference = FrozenReference(policy)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(noise * torch.randn(param.shape, generator=generator))
+    blocks = Blocks(
+        policy=policy,
+        reference=reference,
+        reward_fn=lambda prompts, completions: [0.0] * len(completions),
+        objective=PPOObjective(kl=penalty),
+        optimizer=torch.optim.Adam(policy.parameters(), lr=lr),
+    )
+    state = LoopState(controller=FixedKLController(beta=1.0), baseline=MeanBaseline())
+    sampling = Sampling(max_new_tokens=8, completions_per_prompt=4)
+    optimisation = Optimisation(minibatch_size=8)
+    generator = torch.Generator().manual_seed(0)
+
+    def measure() -> float:
+        sample = policy.rollout(
+            prompts,
+            max_new_tokens=8,
+            completions_per_prompt=8,
+            generator=torch.Generator().manual_seed(123),
+        )
+        return exact_kl_per_completion(policy, reference, sample)
+
+    kls = [measure()]
+    for _ in range(iterations):
+        state, _, _ = ppo_iteration(prompts, blocks, state, sampling, optimisation, generator)
+        kls.append(measure())
+    return kls

@@ -388,8 +388,8 @@ def kl_exact_from_hidden(
     Example:
         >>> hidden = torch.tensor([[[1.0, 0.0]]])
         >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> kl_exact_from_hidden(hidden, weight, torch.zeros(1, 1, 2), weight)
-        tensor([[0.1201]])
+        >>> kl_exact_from_hidden(hidden, weight, torch.zeros(1, 1, 2), weight)  # vs uniform
+        tensor([[0.1109]])
     """
     check_rank(hidden, 3, name="hidden", axes="B T D")
     check_rank(ref_hidden, 3, name="ref_hidden", axes="B T D")
@@ -398,8 +398,8 @@ def kl_exact_from_hidden(
     check_count(chunk_tokens, name="chunk_tokens")
     if hidden.shape[:2] != ref_hidden.shape[:2]:
         raise ValueError(
-            f"hidden has shape {tuple(hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)}: "
-            "both must hold the same [B, T] positions"
+            f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has shape "
+            f"{tuple(hidden.shape)}: both must hold the same [B, T] positions"
         )
     vocab = []
     for side, h, w, b in (("", hidden, weight, bias), ("ref_", ref_hidden, ref_weight, ref_bias)):
