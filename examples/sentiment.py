@@ -16,9 +16,10 @@ import kltune
 from kltune.plots import plot_runs, summary_table
 
 args = parse_args(__doc__, iterations=20, out="runs/sentiment")
+TARGET = 6.0  # nats per completion (Ziegler et al.'s sentiment target)
 arm = Arm(
     name="adaptive KL",
-    controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=6.0),
+    controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=TARGET),
 )
 runs = [run_arm(arm, args, seed) for seed in args.seeds]
 
@@ -27,12 +28,17 @@ folders = [folder for folder, _ in runs]
 plot = plot_runs({arm.name: [f / "metrics.jsonl" for f in folders]}, args.out / "sentiment.png")
 table = summary_table({arm.name: [f / "metrics.jsonl" for f in folders]}, last_k=5)
 first = kltune.plots.read_metrics(folders[0] / "metrics.jsonl")
+final_kl = first[-1]["kl/mean"]
+second_half = first[len(first) // 2 :]
+mean_error = sum(r["kl/mean"] - TARGET for r in second_half) / len(second_half)
 lines = [
     "# Sentiment with an adaptive KL penalty",
     "",
     f"reward (VADER compound, mean over the batch): iteration 1 = "
     f"{first[0]['reward/score_mean']:.3f}, last = {first[-1]['reward/score_mean']:.3f}; "
-    f"KL to reference at the end = {first[-1]['kl/mean']:.2f} nats per completion.",
+    f"KL to reference at the end = {final_kl:.2f} nats per completion against a target of "
+    f"{TARGET:g} ({'within' if abs(final_kl - TARGET) <= 0.5 * TARGET else 'outside'} ±50 %); "
+    f"mean tracking error (KL − target) over the second half = {mean_error:+.2f} nats.",
     "",
     "Averages over the last 5 iterations:",
     "",
