@@ -52,6 +52,7 @@ PUBLIC_MODULES = (
     "kltune.driver",
     "kltune.checkpoint",
     "kltune.diagnostics",
+    "kltune.fluency",
     "kltune.plots",
 )
 
