@@ -83,7 +83,7 @@ def reference_perplexity(
             response_mask=mask.to(device),
             old_logprobs=torch.zeros(response.shape, device=device),
             prompts=tuple(p for p, _ in chunk),
-            completions=tuple(tokenizer.decode(ids) for _, ids in chunk),
+            completions=tuple(str(tokenizer.decode(ids)) for _, ids in chunk),
             temperature=1.0,
             prompt_index=torch.arange(len(chunk), device=device),
             ended=torch.zeros(len(chunk), dtype=torch.bool, device=device),
