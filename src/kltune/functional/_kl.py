@@ -16,6 +16,12 @@ estimator    per-token value                        value unbiased?   gradient w
 ``kl_exact`` :math:`\sum_v \pi\log(\pi/\pi_\text{ref})`  exact        exact
 ===========  =====================================  ================  ======================================
 
+The gradient column is for one token in the loss. In the reward, what counts is
+the score-function gradient :math:`\mathbb{E}[k\,\nabla\log\pi]`: exactly
+:math:`\nabla\mathrm{KL}(\pi\|\pi_\text{ref})` for k1 (the library's default), and
+almost nothing near the reference for k3. The whole estimator × placement matrix
+is :data:`kltune.kl_control.GRADIENTS`, checked in ``tests/test_kl_matrix.py``.
+
 References:
     John Schulman, "Approximating KL Divergence", 2020,
     http://joschu.net/blog/kl-approx.html.
@@ -106,8 +112,10 @@ def kl_k3(
         k_3 = e^{\Delta} - 1 - \Delta, \quad \Delta = \log \pi_\text{ref}(y) - \log \pi(y)
 
     Unbiased for the value (:math:`\mathbb{E}_\pi[e^\Delta] = 1`) and ≥ 0 token
-    by token, with lower variance than k1: the best estimator for the **reward**
-    and for logging. As a loss term it is biased: its expected gradient
+    by token, with lower variance than k1: a good *value* to log. Not for the
+    reward alone: there its score-function gradient is
+    :math:`\nabla\mathrm{KL}(\pi\|\pi_\text{ref}) - \nabla\mathrm{KL}(\pi_\text{ref}\|\pi)`,
+    almost nothing near the reference (use :func:`kl_k1`). As a loss term it is biased: its expected gradient
     :math:`\mathbb{E}_\pi[(1 - \pi_\text{ref}/\pi)\nabla\log\pi]` is the gradient
     of the *forward* KL(π_ref ‖ π). Use :func:`kl_k3_st` or
     :func:`kl_k2` in the loss.
@@ -206,7 +214,7 @@ def shaped_rewards(
 
     Args:
         scores: one score per completion (from a ``RewardFn``).
-        kl: per-token KL estimate (e.g. :func:`kl_k3`).
+        kl: per-token KL estimate (e.g. :func:`kl_k1`, the default in the reward).
         mask: True on real response tokens; each row must hold at least one.
         beta: KL coefficient β ≥ 0.
 
