@@ -15,9 +15,10 @@ the KL penalty's default (k1 in the reward), 100 iterations.
 
 import dataclasses
 
-from experiment import Arm, final_samples, parse_args, run_arm, selected
+from experiment import Arm, final_samples, load, parse_args, run_arm, selected
 
 import kltune
+from kltune.fluency import reference_perplexity
 from kltune.plots import plot_runs, summary_table
 
 args = parse_args(__doc__, iterations=100, seeds=[0, 1, 2], out="runs/collapse")
@@ -81,6 +82,29 @@ for name, runs in folders.items():
         f"- {s['prompt']} **→** {s['completion']!r} ({s['score']:+.2f})"
         for s in final_samples(runs[0])
     ]
+# Fluency as a number: the reference's per-token perplexity of the logged completions
+# (8 per logged iteration), at iteration 1 (π_ref's own samples) and at the last.
+model, tokenizer = load(args)
+judge = kltune.Policy(model, tokenizer)
+reference = kltune.FrozenReference(judge)
+
+
+def perplexity(samples: list[dict]) -> float:
+    prompts = [s["prompt"] for s in samples]
+    return reference_perplexity(reference, judge, prompts, [s["completion"] for s in samples])
+
+
+lines += [
+    "",
+    "## Fluency: the reference's perplexity of the completions (8 logged per run)",
+    "",
+    "| arm | seed | first iteration (π_ref's own) | last iteration |",
+    "| --- | ---: | ---: | ---: |",
+]
+for name, runs in folders.items():
+    for seed, run in zip(args.seeds, runs, strict=True):
+        first, last = final_samples(run, first=True), final_samples(run)
+        lines.append(f"| {name} | {seed} | {perplexity(first):.1f} | {perplexity(last):.1f} |")
 (args.out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 print(f"\nwrote {plot}")

@@ -180,7 +180,8 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
     return out, blocks
 
 
-def final_samples(run: Path) -> list[dict]:
-    """The completions logged at the last sampled iteration of a run."""
+def final_samples(run: Path, first: bool = False) -> list[dict]:
+    """The completions logged at the last (or, with ``first``, the first: π_ref's own)
+    sampled iteration of a run."""
     lines = (run / "samples.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])["samples"] if lines else []
+    return json.loads(lines[0 if first else -1])["samples"] if lines else []
