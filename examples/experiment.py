@@ -57,6 +57,11 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
         choices=["reward", "loss", "reward+loss"],
         help="the KL penalty of every arm: KLPenalty(placement=...) with its default estimator",
     )
+    parser.add_argument(
+        "--estimator",
+        choices=["kl_k1", "kl_k2", "kl_k3", "kl_k3_st", "kl_exact"],
+        help="with --placement: this estimator instead of the placement's default",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -133,9 +138,9 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
     if getattr(args, "lr", None) is not None:
         arm = dataclasses.replace(arm, lr=args.lr)
     if getattr(args, "placement", None) is not None:
-        arm = dataclasses.replace(
-            arm, kl=functools.partial(kltune.KLPenalty, placement=args.placement)
-        )
+        estimator = getattr(kltune.functional, args.estimator) if args.estimator else None
+        kl = functools.partial(kltune.KLPenalty, estimator=estimator, placement=args.placement)
+        arm = dataclasses.replace(arm, kl=kl)
     out = args.out / arm.name.replace(" ", "_") / f"seed{seed}"
     if (out / "run.json").is_file():
         print(f"{out} is complete; skipping")
