@@ -116,12 +116,11 @@ class PPOObjective:
             raise ValueError(f"beta must be a finite number >= 0, got {float(beta)}")
         mask = minibatch.response_mask
         advantages = _need(minibatch.advantages, "advantages")
-        exact_in_loss = self.kl.in_loss and self.kl.exact
         out = policy.score(
             minibatch,
             entropy_with_grad=self.entropy_coef > 0,
             autocast_dtype=self.autocast_dtype,
-            **({"with_head": True} if exact_in_loss else {}),
+            with_head=self.kl.in_loss and self.kl.exact,
         )
         surrogate = KF.clipped_surrogate_loss(
             out.logprobs, minibatch.old_logprobs, advantages, self.clip_eps, self.dual_clip

@@ -686,19 +686,12 @@ def next_token_head(model: nn.Module, rollout: Rollout) -> NextTokenHead:
 
 
 def _reference_logprobs(model: nn.Module, rollout: Rollout) -> Tensor:
-    head = _plain_output_layer(model)
-    if head is not None:  # no [B, T, V] logits held, as in Policy.score
-        decoder, output_layer = head
-        hidden = _response_hidden(decoder, rollout).to(output_layer.weight.dtype)
+    head = next_token_head(model, rollout)
+    if head.weight is not None:  # no [B, T, V] logits held, as in Policy.score
         return logprobs_only_from_hidden(
-            hidden,
-            output_layer.weight,
-            rollout.response_ids,
-            rollout.temperature,
-            output_layer.bias,
+            head.hidden, head.weight, rollout.response_ids, rollout.temperature, head.bias
         )
-    logits = _response_forward(model, rollout).logits
-    return KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
+    return KF.logprobs_from_logits(head.hidden, rollout.response_ids, rollout.temperature)
 
 
 @final
