@@ -36,6 +36,7 @@ class Arm:
     prompts_per_iteration: int = 8
     completions_per_prompt: int = 2
     max_new_tokens: int = 20
+    stop_at_eos: bool = True  # False: every completion has max_new_tokens tokens
     temperature: float = 1.0
     entropy_coef: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -131,6 +132,12 @@ def selected(arms: list[Arm], args: argparse.Namespace) -> list[Arm]:
     return [arm for arm in arms if arm.name in args.arms]
 
 
+def describe(kl: kltune.KLPenalty) -> str:
+    """A KL penalty in words that are the same in every process (no addresses)."""
+    weighted = "" if kl.importance_weighted or not kl.in_loss else ", not importance-weighted"
+    return f"{kl.estimator.__name__} in the {kl.placement}{weighted}"
+
+
 def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune.Blocks | None]:
     """Train one arm for one seed; returns its folder (metrics.jsonl, samples.jsonl,
     run.json) and the trained blocks (None when the run was already complete)."""
@@ -142,9 +149,17 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
         kl = functools.partial(kltune.KLPenalty, estimator=estimator, placement=args.placement)
         arm = dataclasses.replace(arm, kl=kl)
     out = args.out / arm.name.replace(" ", "_") / f"seed{seed}"
+    settings = {
+        k: v for k, v in dataclasses.asdict(arm).items() if isinstance(v, (int, float, str))
+    } | {"controller_start": arm.controller().state_dict(), "kl": describe(arm.kl())}
     if (out / "run.json").is_file():
-        print(f"{out} is complete; skipping")
-        return out, None
+        done = json.loads((out / "run.json").read_text())
+        recorded = {k: done["settings"].get(k) for k in settings}
+        if done["iterations"] == args.iterations and recorded == settings:
+            print(f"{out} is complete; skipping")
+            return out, None
+        print(f"{out} was run with other settings; running it again")
+        (out / "run.json").unlink()
     if (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # an interrupted run restarts from scratch
         (out / "samples.jsonl").unlink(missing_ok=True)
@@ -162,6 +177,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
         sampling=kltune.Sampling(
             max_new_tokens=arm.max_new_tokens,
             temperature=arm.temperature,
+            stop_at_eos=arm.stop_at_eos,
             completions_per_prompt=arm.completions_per_prompt,
         ),
         optimisation=kltune.Optimisation(epochs=arm.epochs, minibatch_size=arm.minibatch_size),
@@ -175,10 +191,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
         "iterations": args.iterations,
         "wall_seconds": seconds,
         "seconds_per_iteration": seconds / args.iterations,
-        "settings": {
-            k: v for k, v in dataclasses.asdict(arm).items() if isinstance(v, (int, float, str))
-        }
-        | {"controller": state.controller.state_dict(), "kl": repr(blocks.objective.kl)},
+        "settings": settings | {"controller": state.controller.state_dict()},
         "model": "tiny-random-llama" if args.smoke else args.model,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))

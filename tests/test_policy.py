@@ -151,6 +151,32 @@ def test_certain_eos_stops_every_row_after_one_token() -> None:
     assert _max_gap(policy.score(r).logprobs, r.old_logprobs, r.response_mask) < ATOL
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_without_stop_at_eos_every_completion_has_full_length(arch: str) -> None:
+    policy = _policy(arch, eos_bias=EOS_BIAS)
+    kwargs = {"max_new_tokens": 10, "completions_per_prompt": 2}
+    stopping = policy.rollout(["a", "bb", "ccc"], generator=_gen(), **kwargs)
+    assert bool(stopping.ended.any())  # with the default, some rows end early
+    r = policy.rollout(["a", "bb", "ccc"], generator=_gen(), stop_at_eos=False, **kwargs)
+    assert r.response_ids.shape == (6, 10) and bool(r.response_mask.all())
+    assert not bool(r.ended.any())
+    assert bool((r.response_ids == policy.eos_token_id).any())  # EOS drawn and kept going
+    # the same token stream as the stopping rollout, up to each row's end
+    for i in range(len(r)):
+        n = int(stopping.lengths[i])
+        assert torch.equal(r.response_ids[i, :n], stopping.response_ids[i, :n])
+    # EOS is an ordinary token: the recorded logprobs are those score() computes
+    assert _max_gap(policy.score(r).logprobs, r.old_logprobs, r.response_mask) < ATOL
+
+
+def test_stop_at_eos_must_be_a_bool() -> None:
+    with without_runtime_typecheck():
+        with pytest.raises(TypeError, match="stop_at_eos must be a bool"):
+            _policy().rollout(PROMPTS, max_new_tokens=2, stop_at_eos=1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="stop_at_eos must be a bool"):
+            kltune.Sampling(stop_at_eos="no")  # type: ignore[arg-type]
+
+
 def test_without_a_pad_token_eos_pads() -> None:
     model, tokenizer = kltune.tiny_random_model("llama")
     tokenizer.pad_token = None

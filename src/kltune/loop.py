@@ -45,9 +45,12 @@ class Sampling:
     top_p: float | None = None
     completions_per_prompt: int = 1
     autocast_dtype: torch.dtype | None = None
+    stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
         """The checks of :meth:`kltune.Policy.rollout`, when the settings are made."""
+        if not isinstance(self.stop_at_eos, bool):
+            raise TypeError(f"stop_at_eos must be a bool, got {type(self.stop_at_eos).__name__}")
         check_sampling(
             self.max_new_tokens,
             self.temperature,
@@ -301,6 +304,7 @@ def collect_rollout(
             completions_per_prompt=sampling.completions_per_prompt,
             generator=generator,
             autocast_dtype=sampling.autocast_dtype,
+            stop_at_eos=sampling.stop_at_eos,
         )
 
 

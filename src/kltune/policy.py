@@ -357,6 +357,7 @@ class Policy(nn.Module):
         completions_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
+        stop_at_eos: bool = True,
     ) -> Rollout:
         """Sample completions with the KV cache and record their behaviour logprobs.
 
@@ -380,6 +381,12 @@ class Policy(nn.Module):
                 on the CPU or on the model's device.
             autocast_dtype: run the model under CPU/GPU autocast in this dtype
                 (e.g. ``torch.bfloat16``); logprobs are float32 either way.
+            stop_at_eos: end a completion at its EOS token (the default). With
+                False every completion has exactly ``max_new_tokens`` tokens: an
+                EOS is an ordinary token (its logprob recorded, the text after it
+                kept) and ``ended`` is all False. Fixed-length continuations are
+                the classic sentiment set-up (Ziegler et al. 2019); they take away
+                a penalty summed over tokens its cheapest escape, ending early.
 
         Returns:
             A Rollout with ``old_logprobs`` (and ``old_values`` with a value
@@ -392,6 +399,8 @@ class Policy(nn.Module):
             TypeError: ``max_new_tokens``, ``top_k`` or G is not an int.
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p, completions_per_prompt)
+        if not isinstance(stop_at_eos, bool):
+            raise TypeError(f"stop_at_eos must be a bool, got {type(stop_at_eos).__name__}")
         prompt_ids, prompt_mask = self.encode_prompts(prompts, max_new_tokens)
         group = completions_per_prompt
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
@@ -407,6 +416,7 @@ class Policy(nn.Module):
                 top_k,
                 top_p,
                 generator,
+                stop_at_eos,
             )
         texts = self.tokenizer.batch_decode(
             sampled.tokens.masked_fill(~sampled.mask, self.pad_token_id), skip_special_tokens=True
@@ -457,8 +467,9 @@ class Policy(nn.Module):
         top_k: int | None,
         top_p: float | None,
         generator: torch.Generator | None,
+        stop_at_eos: bool = True,
     ) -> _Sampled:
-        eos = self.eos_token_id
+        eos = self.eos_token_id if stop_at_eos else None
         mask = prompt_mask.long()
         position = position_ids_from_mask(prompt_mask)
         # Only the last prompt position predicts a token: no [B, P, V] logits for the prompt.
