@@ -37,9 +37,7 @@ arms = [
     ),
     Arm(
         name="KL constraint",
-        controller=lambda: kltune.ConstraintKLController(
-            beta=0.1, target=TARGET, step_size=0.05
-        ),
+        controller=lambda: kltune.ConstraintKLController(beta=0.1, target=TARGET, step_size=0.05),
     ),
 ]
 arms = [dataclasses.replace(arm, max_new_tokens=TOKENS, stop_at_eos=False) for arm in arms]
