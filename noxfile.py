@@ -60,7 +60,15 @@ def docs(session: nox.Session) -> None:
 def examples(session: nox.Session) -> None:
     """Every example in smoke mode (a tiny random model, seconds each)."""
     install(session, "test")
-    for script in ["sentiment", "collapse", "baselines", "length", "controllers", "kl_estimators"]:
+    for script in [
+        "sentiment",
+        "collapse",
+        "frontier",
+        "baselines",
+        "length",
+        "controllers",
+        "kl_estimators",
+    ]:
         session.run("python", f"examples/{script}.py", "--smoke", "--out", f"runs/smoke/{script}")
 
 

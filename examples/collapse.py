@@ -6,41 +6,23 @@ completions collapse; with it they stay close to the reference, fluent and
 diverse. Reports distinct-2, unique-completion ratio, KL and reward at the
 end, with example completions from each arm.
 
-Every arm: 16 completions per iteration (8 prompts × 2) of exactly 32 tokens
-(EOS is an ordinary token: a penalty summed over tokens cannot be escaped by
-ending early), the KL penalty's default (k1 in the reward), 100 iterations. The
-controllers' target, 15 nats, lies above the KL that the noise of 16-completion
-gradients alone produces at this learning rate (~9–11 nats over 32 tokens) and
-below where beta = 0 collapses (30–95 nats).
+The arms and their settings are in kl_arms.py (shared with frontier.py): 100
+iterations of 16 completions of exactly 32 tokens, k1 in the reward, fixed beta
+0.2, and both controllers at a 15-nat target.
 
     python examples/collapse.py --iterations 100 --seeds 0 1 2 --out runs/collapse
     python examples/collapse.py --smoke --out runs/smoke/collapse
 """
 
-import dataclasses
-
-from experiment import Arm, final_samples, load, parse_args, run_arm, selected
+from experiment import final_samples, load, parse_args, run_arm, selected
+from kl_arms import COLLAPSE
 
 import kltune
 from kltune.fluency import reference_perplexity
 from kltune.plots import plot_runs, summary_table
 
 args = parse_args(__doc__, iterations=100, seeds=[0, 1, 2], out="runs/collapse")
-TOKENS, TARGET = 32, 15.0
-arms = [
-    Arm(name="beta=0", controller=lambda: kltune.FixedKLController(beta=0.0)),
-    Arm(name="fixed beta=0.2", controller=lambda: kltune.FixedKLController(beta=0.2)),
-    Arm(
-        name="adaptive KL",
-        # the default horizon (32 completions): beta may move 10% per iteration at 16
-        controller=lambda: kltune.AdaptiveKLController(beta=0.1, target=TARGET),
-    ),
-    Arm(
-        name="KL constraint",
-        controller=lambda: kltune.ConstraintKLController(beta=0.1, target=TARGET, step_size=0.05),
-    ),
-]
-arms = [dataclasses.replace(arm, max_new_tokens=TOKENS, stop_at_eos=False) for arm in arms]
+arms = COLLAPSE
 folders = {
     arm.name: [run_arm(arm, args, seed)[0] for seed in args.seeds] for arm in selected(arms, args)
 }

@@ -138,9 +138,8 @@ def describe(kl: kltune.KLPenalty) -> str:
     return f"{kl.estimator.__name__} in the {kl.placement}{weighted}"
 
 
-def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune.Blocks | None]:
-    """Train one arm for one seed; returns its folder (metrics.jsonl, samples.jsonl,
-    run.json) and the trained blocks (None when the run was already complete)."""
+def _configured(arm: Arm, args: argparse.Namespace) -> Arm:
+    """The arm as the command line changes it (--smoke, --lr, --placement)."""
     arm = smoke_arm(arm) if args.smoke else arm
     if getattr(args, "lr", None) is not None:
         arm = dataclasses.replace(arm, lr=args.lr)
@@ -148,16 +147,63 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
         estimator = getattr(kltune.functional, args.estimator) if args.estimator else None
         kl = functools.partial(kltune.KLPenalty, estimator=estimator, placement=args.placement)
         arm = dataclasses.replace(arm, kl=kl)
-    out = args.out / arm.name.replace(" ", "_") / f"seed{seed}"
-    settings = {
+    return arm
+
+
+def _settings(arm: Arm) -> dict:
+    """What run.json records of an arm, to tell a finished run of it from another's."""
+    return {
         k: v for k, v in dataclasses.asdict(arm).items() if isinstance(v, (int, float, str))
     } | {"controller_start": arm.controller().state_dict(), "kl": describe(arm.kl())}
+
+
+def _complete(out: Path, arm: Arm, args: argparse.Namespace) -> bool:
+    """Whether ``out`` holds a finished run of this arm, these settings and iterations."""
+    if not (out / "run.json").is_file():
+        return False
+    done = json.loads((out / "run.json").read_text())
+    settings = _settings(arm)
+    recorded = {k: done["settings"].get(k) for k in settings}
+    return done["iterations"] == args.iterations and recorded == settings
+
+
+def finished(arm: Arm, args: argparse.Namespace) -> list[Path]:
+    """The folders of this arm's finished runs under ``args.out`` (any seed)."""
+    arm = _configured(arm, args)
+    folder = args.out / arm.name.replace(" ", "_")
+    seeds = sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:]))
+    return [run for run in seeds if _complete(run, arm, args)]
+
+
+def describe_run(runs: dict[str, list[Path]]) -> list[str]:
+    """A markdown table of the seeds and wall time of each arm's finished runs."""
+    lines = [
+        "| arm | seeds | wall time per run (min) | s per iteration |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for name, folders in runs.items():
+        if not folders:
+            continue
+        infos = [json.loads((f / "run.json").read_text()) for f in folders]
+        minutes = [i["wall_seconds"] / 60 for i in infos]
+        per_iteration = [i["seconds_per_iteration"] for i in infos]
+        lines.append(
+            f"| {name} | {', '.join(str(i['seed']) for i in infos)} | "
+            f"{min(minutes):.0f}–{max(minutes):.0f} | "
+            f"{min(per_iteration):.1f}–{max(per_iteration):.1f} |"
+        )
+    return lines
+
+
+def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune.Blocks | None]:
+    """Train one arm for one seed; returns its folder (metrics.jsonl, samples.jsonl,
+    run.json) and the trained blocks (None when the run was already complete)."""
+    arm = _configured(arm, args)
+    out = args.out / arm.name.replace(" ", "_") / f"seed{seed}"
+    if _complete(out, arm, args):
+        print(f"{out} is complete; skipping")
+        return out, None
     if (out / "run.json").is_file():
-        done = json.loads((out / "run.json").read_text())
-        recorded = {k: done["settings"].get(k) for k in settings}
-        if done["iterations"] == args.iterations and recorded == settings:
-            print(f"{out} is complete; skipping")
-            return out, None
         print(f"{out} was run with other settings; running it again")
         (out / "run.json").unlink()
     if (out / "metrics.jsonl").exists():
@@ -191,7 +237,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
         "iterations": args.iterations,
         "wall_seconds": seconds,
         "seconds_per_iteration": seconds / args.iterations,
-        "settings": settings | {"controller": state.controller.state_dict()},
+        "settings": _settings(arm) | {"controller": state.controller.state_dict()},
         "model": "tiny-random-llama" if args.smoke else args.model,
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
-from kltune.plots import DEFAULT_KEYS, _draw, plot_runs, read_metrics, summary_table
+from kltune.plots import (
+    DEFAULT_KEYS,
+    _draw,
+    _frontier_points,
+    _read_runs,
+    plot_frontier,
+    plot_runs,
+    read_metrics,
+    summary_table,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -226,3 +235,36 @@ def test_summary_table_escapes_pipes_and_checks_last_k(runs: dict[str, list[Path
     assert table.splitlines()[-1] == "| a\\|b | 1 | 0.3 |"
     with pytest.raises(ValueError, match="last_k"):
         summary_table(runs, ["kl/mean"], last_k=0)
+
+
+# ---------------------------------------------------------------- plot_frontier
+
+
+def test_frontier_points_are_seed_means_of_tail_means(runs: dict[str, list[Path]]) -> None:
+    points = _frontier_points(_read_runs(runs), "reward/score_mean", "kl/mean", last_k=2)
+    (beta0, n0, kl0, reward0), (adaptive, n1, kl1, reward1) = points
+    assert (beta0, n0, adaptive, n1) == ("β = 0", 2, "adaptive KL", 1)
+    # seed tails: KL (2 + 4) / 2 = 3 and (4 + 6) / 2 = 5; reward 0.4 and 0.5
+    assert kl0 == pytest.approx((4.0, math.sqrt(2)))
+    assert reward0 == pytest.approx((0.45, math.sqrt(0.005)))
+    assert kl1 == pytest.approx((0.25, 0.0)) and reward1 == pytest.approx((0.25, 0.0))
+
+
+def test_plot_frontier_writes_a_png_with_the_best_of_n_curve(
+    runs: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    out = plot_frontier(runs, tmp_path / "f.png", best_of_n={1: 0.1, 2: 0.2, 8: 0.4})
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    assert list(tmp_path.glob(".f.png.*")) == []  # no temp file left behind
+
+
+def test_plot_frontier_validation(runs: dict[str, list[Path]], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\.png"):
+        plot_frontier(runs, tmp_path / "f.pdf")
+    with pytest.raises(ValueError, match="last_k"):
+        plot_frontier(runs, tmp_path / "f.png", last_k=0)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        plot_frontier(runs, tmp_path / "f.png", best_of_n={0: 0.1})
+    with pytest.raises(ValueError, match="never logged 'kl/missing'"):
+        plot_frontier(runs, tmp_path / "f.png", kl_key="kl/missing")
+    assert not (tmp_path / "f.png").exists()

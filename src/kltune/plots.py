@@ -26,7 +26,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["DEFAULT_KEYS", "plot_runs", "read_metrics", "summary_table"]
+from kltune.functional import best_of_n_kl
+
+__all__ = ["DEFAULT_KEYS", "plot_frontier", "plot_runs", "read_metrics", "summary_table"]
 
 #: The keys :func:`plot_runs` and :func:`summary_table` show by default.
 DEFAULT_KEYS: Final[tuple[str, ...]] = (
@@ -272,6 +274,124 @@ def _tail_mean(records: Records, key: str, last_k: int) -> float | None:
     series = _series(records, key)
     tail = [series[x] for x in sorted(series)[-last_k:]]
     return math.fsum(tail) / len(tail) if tail else None
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = math.fsum(values) / len(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+Spread = tuple[float, float]  # mean, sample std over seeds
+
+
+def _frontier_points(
+    loaded: Mapping[str, Sequence[Records]], reward_key: str, kl_key: str, last_k: int
+) -> list[tuple[str, int, Spread, Spread]]:
+    """Per arm: its label, seed count, (mean, std) of final KL and of final reward."""
+    points = []
+    for arm, seeds in loaded.items():
+        kls, rewards = [], []
+        for records in seeds:
+            kl, reward = (
+                _tail_mean(records, kl_key, last_k),
+                _tail_mean(records, reward_key, last_k),
+            )
+            if kl is None or reward is None:
+                raise ValueError(
+                    f"arm {arm!r} has a run that never logged {kl_key!r} or {reward_key!r}"
+                )
+            kls.append(kl)
+            rewards.append(reward)
+        points.append((arm, len(seeds), _spread(kls), _spread(rewards)))
+    return points
+
+
+def plot_frontier(
+    runs: Mapping[str, Sequence[PathArg]],
+    out: PathArg,
+    best_of_n: Mapping[int, float] | None = None,
+    last_k: int = 5,
+    reward_key: str = "reward/score_mean",
+    kl_key: str = "kl/mean",
+    title: str | None = None,
+) -> Path:
+    r"""Final reward against final KL: one point per arm, seeds as error bars.
+
+    The KL-regularised analogue of Ziegler et al.'s reward–KL plot. Each seed
+    contributes the mean of its last ``last_k`` values of ``reward_key`` and of
+    ``kl_key``; an arm's point is the mean over seeds and its error bars the
+    sample standard deviation over seeds on both axes. With ``best_of_n``, the
+    curve of best-of-n sampling from the reference is drawn too, at its exact
+    KL :math:`\log n - (n-1)/n` (:func:`kltune.functional.best_of_n_kl`): a
+    trained policy below that curve bought less reward per nat than picking the
+    best of n samples would. The KL axis is linear up to 1 nat and logarithmic
+    beyond, so that both 0.3 nats and 90 nats are readable.
+
+    Args:
+        runs: arm label → its seeds' JSONL metrics files.
+        out: where to write the PNG, atomically.
+        best_of_n: n → expected best-of-n reward from the reference
+            (:func:`kltune.functional.expected_best_of_n`), or None.
+        last_k: final iterations averaged per seed, >= 1.
+        reward_key: the metric on the y axis.
+        kl_key: the metric on the x axis.
+        title: a title over the figure.
+
+    Returns:
+        ``out`` as a ``Path``.
+
+    Raises:
+        ValueError: ``out`` does not end in ``.png``, ``last_k < 1``, ``runs``
+            is empty, a seed never logged a key, or ``best_of_n`` has an n < 1.
+        FileNotFoundError: a metrics file is missing.
+    """
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".png":
+        raise ValueError(f"out must be a .png file, got {str(out_path)!r}")
+    if last_k < 1:
+        raise ValueError(f"last_k must be >= 1, got {last_k}")
+    points = _frontier_points(_read_runs(runs), reward_key, kl_key, last_k)
+    figure = Figure(figsize=(7.5, 5.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    if best_of_n:
+        ns = sorted(best_of_n)
+        if ns[0] < 1:
+            raise ValueError(f"best_of_n has n = {ns[0]}; n must be >= 1")
+        xs = [best_of_n_kl(n) for n in ns]
+        ax.plot(xs, [best_of_n[n] for n in ns], color="0.4", lw=1.4, ls="--", marker=".")
+        for n, x in zip(ns, xs, strict=True):
+            ax.annotate(
+                f"n={n}",
+                (x, best_of_n[n]),
+                textcoords="offset points",
+                xytext=(3, -10),
+                fontsize=7,
+                color="0.35",
+            )
+    for color, (arm, n_seeds, (kl, kl_sd), (reward, reward_sd)) in enumerate(points):
+        ax.errorbar(
+            kl,
+            reward,
+            xerr=kl_sd,
+            yerr=reward_sd,
+            fmt="o",
+            color=f"C{color % 10}",
+            capsize=3,
+            label=_arm_label(arm, n_seeds),
+        )
+    if best_of_n:
+        ax.plot([], [], color="0.4", ls="--", marker=".", label="best-of-n from π_ref")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel(f"{_LABELS.get(kl_key, kl_key)}, mean of the last {last_k} iterations")
+    ax.set_ylabel(f"{_LABELS.get(reward_key, reward_key)}, mean of the last {last_k}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best", title="error bars: std over seeds", title_fontsize=8)
+    if title is not None:
+        ax.set_title(title)
+    _save_png(figure, out_path)
+    return out_path
 
 
 def _cell(values: Sequence[float | None]) -> str:

@@ -19,6 +19,12 @@ from kltune.functional._advantages import (
 from kltune.functional._advantages import (
     rloo_advantages as rloo_advantages,
 )
+from kltune.functional._best_of_n import (
+    best_of_n_kl as best_of_n_kl,
+)
+from kltune.functional._best_of_n import (
+    expected_best_of_n as expected_best_of_n,
+)
 from kltune.functional._head import (
     kl_exact_from_hidden as kl_exact_from_hidden,
 )
@@ -94,11 +100,13 @@ from kltune.functional._ppo import (
 
 __all__ = [
     "approx_kl",
+    "best_of_n_kl",
     "clip_fraction",
     "clipped_surrogate_loss",
     "clipped_value_loss",
     "entropy_bonus",
     "entropy_from_logits",
+    "expected_best_of_n",
     "explained_variance",
     "gae",
     "grpo_advantages",
