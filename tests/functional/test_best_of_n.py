@@ -29,7 +29,9 @@ def test_equals_the_average_maximum_over_all_subsets(case: tuple[torch.Tensor, i
         / math.comb(len(row), n)
         for row in scores
     ]
-    assert torch.allclose(KF.expected_best_of_n(scores, n), torch.tensor(brute, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(
+        KF.expected_best_of_n(scores, n), torch.tensor(brute, dtype=torch.float64), atol=1e-9
+    )
 
 
 @given(scores_and_n())
