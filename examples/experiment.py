@@ -35,6 +35,7 @@ class Arm:
     minibatch_size: int = 4
     prompts_per_iteration: int = 8
     completions_per_prompt: int = 2
+    prompt_pool: int = 50  # train on the first N of the 50 shipped prompts
     max_new_tokens: int = 20
     stop_at_eos: bool = True  # False: every completion has max_new_tokens tokens
     temperature: float = 1.0
@@ -163,7 +164,9 @@ def _complete(out: Path, arm: Arm, args: argparse.Namespace) -> bool:
         return False
     done = json.loads((out / "run.json").read_text())
     settings = _settings(arm)
-    recorded = {k: done["settings"].get(k) for k in settings}
+    # a setting added to Arm after the run was recorded ran at its default
+    defaults = {f.name: f.default for f in dataclasses.fields(Arm)}
+    recorded = {k: done["settings"].get(k, defaults.get(k)) for k in settings}
     return done["iterations"] == args.iterations and recorded == settings
 
 
@@ -214,7 +217,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
     blocks, state = build_blocks(arm, model, tokenizer)
     start = time.time()
     kltune.train(
-        kltune.movie_review_prompts(),
+        kltune.movie_review_prompts()[: arm.prompt_pool],
         blocks,
         state,
         iterations=args.iterations,

@@ -108,6 +108,28 @@ def test_every_baseline_runs_in_the_loop(baseline: kltune.Baseline) -> None:
         assert blocks.policy.value_head.weight.abs().sum() > 0  # trained away from zero init
 
 
+def test_baseline_metrics_measure_against_the_oracle_floor() -> None:
+    # Leave-one-out's advantages have mean square G/(G-1) times the within-prompt floor.
+    blocks, state = tiny_blocks(baseline=kltune.LeaveOneOutBaseline())
+    optimisation = kltune.Optimisation(minibatch_size=2)
+    _, rollout, metrics = _iterate(blocks, state, n=1, optimisation=optimisation)
+    m = metrics[-1]
+    assert rollout.rewards is not None and rollout.advantages is not None
+    returns = KF.masked_sum(rollout.rewards, rollout.response_mask, dim=1)
+    first = rollout.advantages[:, 0]
+    assert m["advantage/oracle_floor"] == pytest.approx(float(KF.within_group_var(returns, 2)))
+    # leave-one-out advantages have mean 0, so their variance is their mean square
+    assert m["advantage/sequence_var"] == pytest.approx(float((first**2).mean()), rel=1e-4)
+    assert m["advantage/sequence_var"] == pytest.approx(2 * m["advantage/oracle_floor"], rel=1e-4)
+    assert m["policy/grad_norm_var"] > 0  # three minibatch steps, three different gradients
+    # one completion per prompt: no group, no floor
+    one = kltune.Sampling(max_new_tokens=6)
+    blocks, state = tiny_blocks()
+    generator = torch.Generator().manual_seed(0)
+    _, _, m = kltune.ppo_iteration(PROMPTS, blocks, state, one, kltune.Optimisation(), generator)
+    assert "advantage/oracle_floor" not in m and "advantage/sequence_var" in m
+
+
 def test_learned_prompt_baseline_is_fitted_by_the_loop() -> None:
     blocks, state = tiny_blocks()
     value = kltune.PromptValueBaseline(vocab_size=len(blocks.policy.tokenizer), dim=8)

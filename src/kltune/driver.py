@@ -11,6 +11,7 @@ Files written under ``out_dir``:
 
 import dataclasses
 import json
+import time
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -241,9 +242,11 @@ def train(
     ):
         while state.iteration < iterations:
             batch = ranks.share(prompts, prompts_per_iteration, state.iteration, seed)
+            start = time.perf_counter()
             state, rollout, metrics = ppo_iteration(
                 batch, blocks, state, sampling, optimisation, generator
             )
+            metrics["time/iteration_seconds"] = time.perf_counter() - start
             texts = ranks.gather(list(rollout.completions))
             if reference_texts is None:  # π_ref's own samples (iteration 0), kept in checkpoints
                 reference_texts = texts

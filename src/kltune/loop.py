@@ -9,6 +9,7 @@ import ctypes
 import dataclasses
 import math
 import platform
+import statistics
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 import kltune.functional as KF
-from kltune.baselines import Baseline, LearnedBaseline
+from kltune.baselines import Baseline, LearnedBaseline, _group_size
 from kltune.kl_control import KLController, KLPenalty
 from kltune.objective import PPOObjective, Scorer
 from kltune.policy import HeadReference, Policy, Reference, check_sampling
@@ -605,7 +606,22 @@ def rollout_metrics(rollout: Rollout, kl_tokens: Tensor, beta: float) -> Metrics
         "advantage/var": float(KF.masked_var(advantages, mask)),
         "completion/length_mean": float(rollout.lengths.float().mean()),
         "completion/ended_fraction": float(rollout.ended.float().mean()),
-    }
+    } | _sequence_advantage_metrics(rollout)
+
+
+def _sequence_advantage_metrics(rollout: Rollout) -> Metrics:
+    """The baseline's quality per completion: the variance of its first-token advantage
+    (return minus b(prompt)), and, with several completions per prompt, the floor no
+    prompt baseline can beat (:func:`kltune.functional.within_group_var` of the returns)."""
+    assert rollout.rewards is not None and rollout.advantages is not None
+    first = rollout.advantages[:, 0]
+    out = {"advantage/sequence_var": float(first.var(correction=0))}
+    try:
+        group = _group_size(rollout)
+    except ValueError:  # one completion per prompt (or rows not grouped): no floor
+        return out
+    returns = KF.masked_sum(rollout.rewards, rollout.response_mask, dim=1)
+    return out | {"advantage/oracle_floor": float(KF.within_group_var(returns, group))}
 
 
 def _accumulate_gradients(
@@ -668,4 +684,7 @@ def _mean_metrics(history: list[dict[str, Tensor]]) -> Metrics:
     if "policy/grad_norm" in keys:
         norms = [float(m["policy/grad_norm"]) for m in history]
         out["policy/grad_norm_max"] = max(norms)
+        finite = [norm for norm in norms if math.isfinite(norm)]
+        if len(finite) > 1:  # how much the minibatch gradients of one iteration disagree
+            out["policy/grad_norm_var"] = statistics.variance(finite)
     return out

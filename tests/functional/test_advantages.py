@@ -1,6 +1,7 @@
 """Returns and advantages: reward_to_go, gae, rloo_advantages, grpo_advantages."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -352,6 +353,50 @@ def test_group_advantages_permute_with_groups_and_within_groups(sg, rnd):
         perm += inner
     for fn in (KF.rloo_advantages, KF.grpo_advantages):
         torch.testing.assert_close(fn(scores[perm], g), fn(scores, g)[perm])
+    torch.testing.assert_close(KF.within_group_var(scores[perm], g), KF.within_group_var(scores, g))
+
+
+# --------------------------------------------------------------------------- the variance floor
+
+
+@given(grouped_scores())
+def test_within_group_var_matches_loop_oracle(sg):
+    # The mean over prompts of each prompt's unbiased score variance.
+    scores, g = sg
+    groups = [scores[k : k + g].tolist() for k in range(0, scores.shape[0], g)]
+    expected = sum(statistics.variance(group) for group in groups) / len(groups)
+    assert float(KF.within_group_var(scores, g)) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@fewer_examples(2)
+@given(grouped_scores(), st.data())
+def test_within_group_var_is_the_floor_of_every_prompt_baseline(sg, data):
+    # A per-prompt offset changes nothing; for any baseline b(prompt), the batch's mean
+    # squared advantage is at least (G-1)/G times the floor, and leave-one-out's is G/(G-1).
+    scores, g = sg
+    n = scores.shape[0] // g
+    offsets = data.draw(tensors((n,), -10.0, 10.0)).repeat_interleave(g)
+    floor = KF.within_group_var(scores, g)
+    torch.testing.assert_close(KF.within_group_var(scores + offsets, g), floor)
+    baseline = data.draw(tensors((n,), -10.0, 10.0)).repeat_interleave(g)
+    assert float(((scores - baseline) ** 2).mean()) >= float(floor) * (g - 1) / g - 1e-9
+    rloo = KF.rloo_advantages(scores, g)
+    torch.testing.assert_close((rloo**2).mean(), floor * g / (g - 1))
+
+
+def test_within_group_var_estimates_the_expected_conditional_variance():
+    # 8 prompts with means 0..7 and spreads 1..8, G = 4: the estimate averages to
+    # E[Var(s | x)] = mean of the squared spreads (= 25.5), whatever the prompt means.
+    gen = torch.Generator().manual_seed(3)
+    means = torch.arange(8.0, dtype=torch.float64)[:, None]
+    spread = torch.arange(1.0, 9.0, dtype=torch.float64)[:, None]
+
+    def estimate() -> float:
+        noise = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+        return float(KF.within_group_var((means + spread * noise).reshape(-1), 4))
+
+    estimates = [estimate() for _ in range(2000)]
+    assert statistics.mean(estimates) == pytest.approx(float((spread**2).mean()), rel=0.03)
 
 
 # --------------------------------------------------------------------------- gradients
@@ -378,7 +423,7 @@ def test_group_advantages_gradcheck():
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("fn", [KF.rloo_advantages, KF.grpo_advantages])
+@pytest.mark.parametrize("fn", [KF.rloo_advantages, KF.grpo_advantages, KF.within_group_var])
 def test_group_advantages_reject_bad_groups(fn):
     with pytest.raises(ValueError, match=r"group_size must be >= 2 .*got 1"):
         fn(torch.zeros(4), group_size=1)

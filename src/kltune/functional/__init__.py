@@ -19,6 +19,9 @@ from kltune.functional._advantages import (
 from kltune.functional._advantages import (
     rloo_advantages as rloo_advantages,
 )
+from kltune.functional._advantages import (
+    within_group_var as within_group_var,
+)
 from kltune.functional._best_of_n import (
     best_of_n_kl as best_of_n_kl,
 )
@@ -129,4 +132,5 @@ __all__ = [
     "token_mean",
     "token_sum",
     "value_regression_loss",
+    "within_group_var",
 ]

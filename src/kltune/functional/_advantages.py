@@ -239,3 +239,38 @@ def grpo_advantages(
     if scale:
         centred = centred / (groups.std(-1, keepdim=True) + eps)
     return einops.rearrange(centred, "N G -> (N G)")
+
+
+def within_group_var(scores: Float[Tensor, " B"], group_size: int) -> Float[Tensor, ""]:
+    r"""The pooled within-prompt variance of the scores: the floor of any prompt baseline.
+
+    .. math::
+        \bar s^2_\text{within} = \frac1N \sum_{n=1}^{N} \frac{1}{G-1}
+            \sum_{i \in n} (s_i - \bar s_n)^2
+
+    For a baseline :math:`b(x)` that depends on the prompt only, the advantage
+    variance is :math:`\mathbb{E}[\operatorname{Var}(s\mid x)] + \mathbb{E}[(V(x) -
+    b(x))^2]`, smallest for the oracle :math:`b = V(x) = \mathbb{E}[s\mid x]`. This
+    statistic is an unbiased estimate of that floor, :math:`\mathbb{E}[\operatorname{Var}
+    (s\mid x)]`, from the batch itself, with no extra samples: what a perfect learned
+    V(prompt) would reach. (Leave-one-out reaches :math:`G/(G-1)` times it.)
+
+    Args:
+        scores: one score (or sequence return) per completion, the G completions of
+            each prompt contiguous as in :func:`rloo_advantages`.
+        group_size: G >= 2.
+
+    Returns:
+        The pooled unbiased variance (a scalar). Adding any per-prompt constant to
+        the scores leaves it unchanged.
+
+    Raises:
+        ValueError: ``scores`` is not a non-empty floating [B] tensor, G < 2, or B
+            is not a multiple of G.
+        TypeError: ``group_size`` is not an int.
+
+    Example:
+        >>> within_group_var(torch.tensor([0.0, 2.0, 10.0, 10.0]), group_size=2)
+        tensor(1.)
+    """
+    return _grouped(scores, group_size).var(dim=-1).mean()
