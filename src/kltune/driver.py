@@ -11,8 +11,8 @@ Files written under ``out_dir``:
 
 import dataclasses
 import json
-import time
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
