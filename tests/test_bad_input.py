@@ -141,6 +141,7 @@ def _reductions(b: int) -> dict[str, tuple[Callable[[], Any], str]]:
         ),
         "rloo_advantages": (lambda: KF.rloo_advantages(s, 2), r"scores is an empty batch"),
         "grpo_advantages": (lambda: KF.grpo_advantages(s, 2), r"scores is an empty batch"),
+        "within_group_var": (lambda: KF.within_group_var(s, 2), r"scores is an empty batch"),
     }
 
 
@@ -264,7 +265,10 @@ SPECS: dict[str, Spec] = {
 
 def test_every_function_of_the_core_is_covered() -> None:
     # A new function joins the shape and dtype properties below by adding one line to SPECS.
-    group = {"rloo_advantages", "grpo_advantages"}  # tested on their own, with group sizes
+    # tested on their own: with group sizes, and best-of-n's [P, M] scores and counts
+    # (tests/functional/test_best_of_n.py)
+    group = {"rloo_advantages", "grpo_advantages", "within_group_var"}
+    group |= {"expected_best_of_n", "best_of_n_kl"}
     # Being written alongside this module (functional/_head.py): it does not check its
     # tokens' dtype yet; join it to SPECS once it does.
     # logprobs_from_hidden takes [B, T, D] states and a [V, D] weight, kinds SPECS has
@@ -368,7 +372,7 @@ def test_wrong_ranks_axes_and_ids_name_the_problem(call: Callable[[], Any], mess
 
 
 def test_group_advantages_refuse_bad_groups_and_scores() -> None:
-    for fn in (KF.rloo_advantages, KF.grpo_advantages):
+    for fn in (KF.rloo_advantages, KF.grpo_advantages, KF.within_group_var):
         _refused(lambda fn=fn: fn(torch.zeros(4), 1), ValueError, r"group_size must be >= 2")
         _refused(lambda fn=fn: fn(torch.zeros(5), 2), ValueError, r"batch of 5 completions")
         _refused(
@@ -396,7 +400,7 @@ def test_group_advantages_with_one_completion_per_prompt_are_refused(
     batch: int, group: int
 ) -> None:
     # G <= 1: no other completion of the prompt to compare with.
-    for fn in (KF.rloo_advantages, KF.grpo_advantages):
+    for fn in (KF.rloo_advantages, KF.grpo_advantages, KF.within_group_var):
         with pytest.raises(ValueError, match=rf"group_size must be >= 2 .*got {group}"):
             fn(torch.zeros(batch), group)
 
@@ -405,7 +409,7 @@ def test_group_advantages_with_one_completion_per_prompt_are_refused(
 def test_group_advantages_with_groups_of_unequal_size_are_refused(batch: int, group: int) -> None:
     # A batch that does not split into groups of G: some prompt has fewer completions.
     assume(batch % group != 0)
-    for fn in (KF.rloo_advantages, KF.grpo_advantages):
+    for fn in (KF.rloo_advantages, KF.grpo_advantages, KF.within_group_var):
         with pytest.raises(ValueError, match=rf"batch of {batch} completions does not split"):
             fn(torch.zeros(batch), group)
 

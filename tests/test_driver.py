@@ -105,11 +105,11 @@ def test_resume_after_a_crash_drops_lines_written_after_the_checkpoint(tmp_path:
     assert straight == split
 
 
-def test_checkpoints_keep_only_the_newest_complete_one(tmp_path: Path) -> None:
+def test_checkpoints_keep_the_newest_two(tmp_path: Path) -> None:
     _train(tmp_path, iterations=3, checkpoint_every=1)
     folders = sorted((tmp_path / "checkpoints").iterdir())
-    assert [f.name for f in folders] == ["iter_000003"]
-    assert latest_checkpoint(tmp_path / "checkpoints") == folders[0]
+    assert [f.name for f in folders] == ["iter_000002", "iter_000003"]
+    assert latest_checkpoint(tmp_path / "checkpoints") == folders[-1]
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path: Path) -> None:

@@ -6,21 +6,34 @@ Files written under ``out_dir``:
   written and flushed at a time, so an interrupted run loses at most the line
   being written, which :func:`kltune.plots.read_metrics` skips);
 - ``samples.jsonl``: prompts and completions every ``sample_every`` iterations;
-- ``checkpoints/iter_NNNNNN/``: see :mod:`kltune.checkpoint`.
+- ``checkpoints/iter_NNNNNN/``: see :mod:`kltune.checkpoint`;
+- ``.lock``: held by the running process (see :func:`train`).
+
+Metrics are strict JSON: a non-finite value (NaN, ±inf) is written as ``null``.
 """
 
 import dataclasses
 import json
 import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from tqdm.auto import tqdm
 
-from kltune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kltune._runfiles import RunFolderLockedError, RunLock, append_line, io_error, strict_json
+from kltune.checkpoint import (
+    checkpoints,
+    estimated_size,
+    load_latest_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+)
 from kltune.diagnostics import CollapseDetector, diversity_metrics
 from kltune.distributed import prepare
 from kltune.loop import Blocks, LoopState, Metrics, Optimisation, Sampling, ppo_iteration
@@ -30,6 +43,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 Tracker = Callable[[Metrics, int], None]
+
+__all__ = ["RunFolderLockedError", "Tracker", "prompts_for_iteration", "train"]
 
 # Process r samples with seed + r * stride: distinct random streams per process.
 _RANK_SEED_STRIDE = 1_000_003
@@ -93,8 +108,7 @@ def prompts_for_iteration(
 
 
 def _write_line(handle: TextIO, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
+    append_line(handle, Path(handle.name), strict_json(record))
 
 
 def _samples_record(iteration: int, rollout: Rollout, limit: int) -> dict[str, Any]:
@@ -113,12 +127,11 @@ def _restore(
     generator: torch.Generator,
     ranks: "_Ranks",
 ) -> tuple[LoopState, list[str] | None]:
-    """The state of the newest checkpoint, and the collapse detector's reference texts."""
-    checkpoint = latest_checkpoint(out_dir / "checkpoints")
-    if checkpoint is None:
-        return state, None
-    restored = load_checkpoint(
-        checkpoint,
+    """The state of the newest usable checkpoint, and the collapse detector's
+    reference texts; the logs are cut back to that checkpoint (to nothing, with a
+    warning, when there is none)."""
+    restored = load_latest_checkpoint(
+        out_dir / "checkpoints",
         policy=blocks.policy,
         optimizer=blocks.optimizer,
         generator=generator,
@@ -126,6 +139,19 @@ def _restore(
         value_optimizer=blocks.value_fit.optimizer if blocks.value_fit else None,
         rank=ranks.rank,
     )
+    if restored is None:
+        logged = _count_lines(out_dir / "metrics.jsonl")
+        if logged:
+            warnings.warn(
+                f"resume=True but {out_dir / 'checkpoints'} holds no usable checkpoint: the "
+                f"run starts over from iteration 0, and the {logged} lines already in "
+                "metrics.jsonl (and samples.jsonl) are dropped",
+                stacklevel=3,
+            )
+        if ranks.main:
+            _truncate_lines(out_dir / "metrics.jsonl", lambda i, _: False)
+            _truncate_lines(out_dir / "samples.jsonl", lambda i, _: False)
+        return state, None
     baseline = state.baseline
     if dataclasses.is_dataclass(baseline) and not isinstance(baseline, type):
         fields = {f.name for f in dataclasses.fields(baseline)}
@@ -147,6 +173,49 @@ def _restore(
         consecutive_skips=int(extra.get("consecutive_skips", 0)),
     )
     return state, extra.get("collapse_reference")
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open("rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def _prepare_folder(out: Path, resume: bool, checkpoint_every: int, blocks: Blocks) -> None:
+    """Before the first iteration (under the lock): the layout is valid, a fresh run
+    does not mix into an old one, interrupted saves are removed, and a checkpoint
+    fits on the disk."""
+    for name, kind in (
+        ("checkpoints", "folder"),
+        ("metrics.jsonl", "file"),
+        ("samples.jsonl", "file"),
+    ):
+        path = out / name
+        if path.exists() and (path.is_dir() != (kind == "folder")):
+            raise ValueError(f"{path} exists and is not a {kind}; move it out of out_dir")
+    if not resume:
+        logged = _count_lines(out / "metrics.jsonl")
+        saved = checkpoints(out / "checkpoints")
+        if logged or saved:
+            raise FileExistsError(
+                f"{out} already holds a run ({logged} lines in metrics.jsonl, "
+                f"{len(saved)} checkpoints): pass resume=True to continue it, or give "
+                "this run another out_dir (or delete that one)"
+            )
+    remove_partial_saves(out / "checkpoints")  # left by a kill during a save
+    if checkpoint_every:
+        need = estimated_size(blocks.policy, blocks.optimizer)
+        free = shutil.disk_usage(out).free
+        if free < 2 * need:
+            raise OSError(
+                28,  # ENOSPC
+                f"{out} has {free / 2**20:.0f} MiB free, and one checkpoint of this "
+                f"policy and optimiser takes about {need / 2**20:.0f} MiB (room for two "
+                "is needed while the older is replaced): free some space, choose "
+                "another out_dir, or checkpoint less (checkpoint_every=0)",
+                str(out),
+            )
 
 
 def _truncate_lines(path: Path, keep: Callable[[int, str], bool]) -> None:
@@ -173,6 +242,7 @@ def train(
     seed: int = 0,
     sample_every: int = 5,
     checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
     resume: bool = False,
     collapse_threshold: float = 0.5,
     tracker: Tracker | None = None,
@@ -194,6 +264,18 @@ def train(
     only the main process writes files or shows progress. See
     :mod:`kltune.distributed`.
 
+    The run folder is the run's alone: the main process holds an exclusive OS
+    lock on ``out_dir/.lock`` until it returns (a crash releases it), so a second
+    run on the same folder fails at once, naming the holder. A fresh run refuses a
+    folder that already holds logs or checkpoints; ``resume=True`` continues from
+    the newest checkpoint that verifies (an older one, with a warning, when the
+    newest is damaged) and cuts ``metrics.jsonl`` and ``samples.jsonl`` back to
+    it, so every iteration is logged exactly once; with no usable checkpoint it
+    warns and starts over with empty logs. Before the first iteration the layout
+    is checked, folders left by an interrupted save are removed, and with
+    checkpoints on, the free space for two of them. A failed write names its
+    cause (full disk, file-size limit, no permission) and the path.
+
     Args:
         prompts: the prompt pool; each iteration draws ``prompts_per_iteration``
             (per process).
@@ -203,9 +285,11 @@ def train(
             continues up to it).
         out_dir: folder for metrics, samples and checkpoints.
         seed: seeds the run's own generator (sampling, prompts, minibatches).
-        sample_every: log completions every this many iterations (0: never).
+        sample_every: log 8 completions at iteration 1 (the reference's own) and
+            at every multiple of this (0: never).
         checkpoint_every: checkpoint every this many iterations (0: never).
-        resume: continue from the newest checkpoint in ``out_dir`` if any.
+        keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
+        resume: continue from the newest usable checkpoint in ``out_dir``.
         tracker: called with ``(metrics, iteration)`` after each iteration
             (e.g. a TensorBoard writer or ``accelerator.log``).
         is_main_process: False on other ranks: nothing is written or shown
@@ -214,24 +298,82 @@ def train(
 
     Returns:
         The final loop state.
+
+    Raises:
+        kltune.driver.RunFolderLockedError: another run holds ``out_dir``.
+        FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
+        ValueError: a count out of range, or ``out_dir`` (or a file in it) is not
+            of the kind it must be.
+        OSError: the folder cannot be written, or a checkpoint would not fit.
     """
     _check_counts(
         iterations=(iterations, 0),
         sample_every=(sample_every, 0),
         checkpoint_every=(checkpoint_every, 0),
+        keep_checkpoints=(keep_checkpoints, 1),
         prompts_per_iteration=(prompts_per_iteration, 1),
     )
     out = Path(out_dir)
     ranks = _Ranks.of(accelerator, is_main_process)
     if accelerator is not None:
         blocks = prepare(blocks, accelerator)
+    if ranks.main:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out_dir {out} is a file, not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise io_error(error, out, "create the run folder") from error
+    with RunLock(out) if ranks.main else nullcontext():
+        if ranks.main:
+            _prepare_folder(out, resume, checkpoint_every, blocks)
+        return _run(
+            prompts,
+            blocks,
+            state,
+            out,
+            ranks,
+            iterations=iterations,
+            prompts_per_iteration=prompts_per_iteration,
+            sampling=sampling,
+            optimisation=optimisation,
+            seed=seed,
+            sample_every=sample_every,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            resume=resume,
+            collapse_threshold=collapse_threshold,
+            tracker=tracker,
+            progress=progress,
+        )
+
+
+def _run(
+    prompts: Sequence[str],
+    blocks: Blocks,
+    state: LoopState,
+    out: Path,
+    ranks: "_Ranks",
+    *,
+    iterations: int,
+    prompts_per_iteration: int,
+    sampling: Sampling,
+    optimisation: Optimisation,
+    seed: int,
+    sample_every: int,
+    checkpoint_every: int,
+    keep_checkpoints: int,
+    resume: bool,
+    collapse_threshold: float,
+    tracker: Tracker | None,
+    progress: bool,
+) -> LoopState:
+    """The iterations of :func:`train`, once the folder is locked and checked."""
     is_main_process = ranks.main
     generator = torch.Generator(device="cpu").manual_seed(seed + _RANK_SEED_STRIDE * ranks.rank)
     reference_texts: list[str] | None = None
     if resume:
         state, reference_texts = _restore(out, blocks, state, generator, ranks)
-    if is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     detector = _collapse_detector(reference_texts, collapse_threshold)
     bar = tqdm(
         total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
@@ -262,7 +404,7 @@ def train(
             if checkpoint_every and state.iteration % checkpoint_every == 0:
                 generators = ranks.gather([generator.get_state()])
                 if is_main_process:
-                    _checkpoint(out, blocks, state, generators, reference_texts)
+                    _checkpoint(out, blocks, state, generators, reference_texts, keep_checkpoints)
             _show_progress(bar, metrics)
     bar.close()
     return state
@@ -276,8 +418,8 @@ def _check_counts(**counts: tuple[int, int]) -> None:
 
 
 def _due(iteration: int, every: int) -> bool:
-    """Log samples at the first iteration and every ``every`` iterations (0: never)."""
-    return bool(every) and iteration % every in (0, 1)
+    """Log samples at iteration 1 (π_ref's own) and at every multiple of ``every`` (0: never)."""
+    return bool(every) and (iteration == 1 or iteration % every == 0)
 
 
 def _show_progress(bar: Any, metrics: Metrics) -> None:
@@ -304,6 +446,7 @@ def _checkpoint(
     state: LoopState,
     generators: list[torch.Tensor],
     reference_texts: list[str] | None,
+    keep: int,
 ) -> None:
     save_checkpoint(
         out / "checkpoints",
@@ -314,6 +457,7 @@ def _checkpoint(
         baseline=state.baseline,
         generator=generators[0] if len(generators) == 1 else generators,
         metrics_lines=state.iteration,
+        keep=keep,
         value_optimizer=blocks.value_fit.optimizer if blocks.value_fit else None,
         extra={
             "total_skips": state.total_skips,
@@ -332,7 +476,10 @@ class _open:
 
     def __enter__(self) -> TextIO | None:
         if self.enabled:
-            self.handle = self.path.open("a", encoding="utf-8")
+            try:
+                self.handle = self.path.open("a", encoding="utf-8")
+            except OSError as error:
+                raise io_error(error, self.path, "open") from error
         return self.handle
 
     def __exit__(self, *exc: object) -> None:
