@@ -92,6 +92,41 @@ def test_a_second_run_on_the_same_folder_fails_at_once_naming_the_holder(tmp_pat
     assert [r["iteration"] for r in lines] == [1.0, 2.0, 3.0]  # each iteration once
 
 
+def test_a_run_in_another_process_holds_the_folder(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(HERE)!r})
+        import kltune
+        from helpers import tiny_blocks
+        blocks, state = tiny_blocks()
+        def wait(metrics, iteration):
+            print("running", flush=True)
+            time.sleep(120)
+        kltune.train(["The movie"], blocks, state, iterations=2, out_dir={str(tmp_path)!r},
+                     progress=False, tracker=wait)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"running"
+        blocks, state = tiny_blocks()
+        with pytest.raises(RunFolderLockedError, match=f"PID {child.pid} "):
+            kltune.train(
+                ["The movie"],
+                blocks,
+                state,
+                iterations=2,
+                out_dir=tmp_path,
+                progress=False,
+                resume=True,
+            )
+        assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1  # the holder's line alone
+    finally:
+        child.kill()
+        child.communicate()
+
+
 def test_a_crashed_run_releases_its_lock(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
