@@ -43,7 +43,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-5, eps=1e-5)
     prompts = kltune.movie_review_prompts()[:8]
     sampling = kltune.Sampling(max_new_tokens=32, completions_per_prompt=2)
-    optimisation = kltune.Optimisation(minibatch_size=8)
+    updates = kltune.Updates(minibatch_size=8)
     runs = {}
     for name, make in PENALTIES.items():
         blocks = kltune.Blocks(
@@ -62,7 +62,7 @@ def main() -> None:
         for run in runs.values():
             blocks, state, times = run
             start = time.perf_counter()
-            run[1], _, _ = ppo_iteration(prompts, blocks, state, sampling, optimisation, generator)
+            run[1], _, _ = ppo_iteration(prompts, blocks, state, sampling, updates, generator)
             if round_ > 0:
                 times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

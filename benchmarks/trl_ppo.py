@@ -205,7 +205,7 @@ def run_kltune(work: Work) -> dict[str, Any]:
     sampling = kltune.Sampling(max_new_tokens=work.new_tokens, temperature=1.0)
     # One optimiser step per iteration, applied parameter by parameter inside
     # backward: the same update, without a model's worth of gradients alive.
-    optimisation = kltune.Optimisation(
+    updates = kltune.Updates(
         epochs=1, minibatch_size=None, max_grad_norm=None, step_in_backward=True
     )
     generator = torch.Generator().manual_seed(work.seed)
@@ -215,7 +215,7 @@ def run_kltune(work: Work) -> dict[str, Any]:
     for iteration in range(work.iterations):
         start = time.perf_counter()
         state, rollout, metrics = kltune.ppo_iteration(
-            _prompts(work.completions, iteration), blocks, state, sampling, optimisation, generator
+            _prompts(work.completions, iteration), blocks, state, sampling, updates, generator
         )
         seconds.append(time.perf_counter() - start)
         clock.close_iteration()

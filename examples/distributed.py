@@ -79,7 +79,7 @@ def main() -> None:
         out_dir=args.out,
         prompts_per_iteration=args.prompts,
         sampling=kltune.Sampling(max_new_tokens=new_tokens, completions_per_prompt=2),
-        optimisation=kltune.Optimisation(minibatch_size=args.prompts),  # 2 steps per iteration
+        updates=kltune.Updates(minibatch_size=args.prompts),  # 2 steps per iteration
         seed=args.seed,
         checkpoint_every=5,
         resume=args.resume,

@@ -85,7 +85,7 @@ def make_baseline(
         "mean": kltune.MeanBaseline,
         "ema": kltune.EMABaseline,
         "rloo": kltune.LeaveOneOutBaseline,
-        "grpo": kltune.GroupNormBaseline,
+        "grpo": kltune.GRPOBaseline,
         "gae": kltune.GAEBaseline,
     }
     if arm.baseline == "prompt_value":
@@ -229,7 +229,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
             stop_at_eos=arm.stop_at_eos,
             completions_per_prompt=arm.completions_per_prompt,
         ),
-        optimisation=kltune.Optimisation(epochs=arm.epochs, minibatch_size=arm.minibatch_size),
+        updates=kltune.Updates(epochs=arm.epochs, minibatch_size=arm.minibatch_size),
         seed=seed,
         sample_every=5,
     )

@@ -1,6 +1,6 @@
 """Run under ``accelerate launch --cpu --num_processes 2`` by test_distributed.py.
 
-One PPO optimisation on a fixed batch of 8 completions: each of the two
+One PPO update on a fixed batch of 8 completions: each of the two
 processes takes 4 rows (data-parallel, through kltune.distributed.prepare);
 process 0 then repeats it alone on all 8 rows with the plain blocks. Writes the
 weights of both runs, and each process's own, for the test to compare.
@@ -50,8 +50,8 @@ def one_update(blocks: kltune.Blocks, state: kltune.LoopState, rollout: kltune.R
     rollout = shape_with_kl(rollout, kl_tokens, blocks.objective.kl, state.controller.beta)
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = kltune.RolloutBuffer(rollout).whitened(all_reduce=blocks.all_reduce)
-    optimisation = kltune.Optimisation(minibatch_size=len(rollout), epochs=2)
-    optimise(blocks, buffer, state.controller.beta, optimisation, torch.Generator(), state)
+    updates = kltune.Updates(minibatch_size=len(rollout), epochs=2)
+    optimise(blocks, buffer, state.controller.beta, updates, torch.Generator(), state)
 
 
 def main(out: Path) -> None:

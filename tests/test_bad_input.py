@@ -28,7 +28,7 @@ import kltune.functional as KF
 from helpers import synthetic_rollout, tiny_blocks
 from kltune import Rollout, RolloutBuffer
 from kltune.loading import byte_tokenizer, prepare_tokenizer
-from kltune.loop import Optimisation, Sampling, optimise, ppo_iteration
+from kltune.loop import Sampling, Updates, optimise, ppo_iteration
 from kltune.rewards import score_completions
 from strategies import fewer_examples, right_padded_masks, shapes, without_runtime_typecheck
 
@@ -657,15 +657,15 @@ def test_the_loop_refuses_minibatch_and_accumulation_sizes_that_do_not_fit() -> 
     rollout = synthetic_rollout()
     rollout = rollout.replace(advantages=torch.zeros_like(rollout.old_logprobs))
     buffer = RolloutBuffer(rollout)
-    for optimisation, message in [
-        (Optimisation(minibatch_size=7), r"minibatch_size must be in \[1, 6\]"),
-        (Optimisation(minibatch_size=4), r"minibatch_size 4 does not divide the buffer size 6"),
+    for updates, message in [
+        (Updates(minibatch_size=7), r"minibatch_size must be in \[1, 6\]"),
+        (Updates(minibatch_size=4), r"minibatch_size 4 does not divide the buffer size 6"),
     ]:
         with pytest.raises(ValueError, match=message):
-            optimise(blocks, buffer, 0.1, optimisation, _gen(), state)
+            optimise(blocks, buffer, 0.1, updates, _gen(), state)
     # Settings that cannot fit any buffer are refused when made, not at the first step.
     with pytest.raises(ValueError, match=r"grad_accumulation_steps=4 must divide minibatch_size=6"):
-        Optimisation(minibatch_size=6, grad_accumulation_steps=4)
+        Updates(minibatch_size=6, grad_accumulation_steps=4)
     for bad, message in [
         ({"minibatch_size": 0}, "minibatch_size must be an int >= 1"),
         ({"epochs": 0}, "epochs must be an int >= 1"),
@@ -673,7 +673,7 @@ def test_the_loop_refuses_minibatch_and_accumulation_sizes_that_do_not_fit() -> 
         ({"max_grad_norm": float("nan")}, "max_grad_norm"),
     ]:
         with pytest.raises(ValueError, match=message):
-            Optimisation(**bad)
+            Updates(**bad)
     for bad, message in [
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": 0.0}, "temperature"),
@@ -691,7 +691,7 @@ def _grouped_rollout(prompt_index: list[int]) -> Rollout:
     return synthetic_rollout().replace(prompt_index=torch.tensor(prompt_index))
 
 
-@pytest.mark.parametrize("baseline", [kltune.LeaveOneOutBaseline(), kltune.GroupNormBaseline()])
+@pytest.mark.parametrize("baseline", [kltune.LeaveOneOutBaseline(), kltune.GRPOBaseline()])
 @pytest.mark.parametrize(
     ("prompt_index", "message"),
     [
@@ -711,7 +711,7 @@ def test_group_baselines_refuse_groups_they_cannot_use(
 def test_group_baselines_accept_contiguous_groups_in_any_numbering() -> None:
     # Groups need not be numbered 0, 1, 2: only equal size and contiguity matter.
     gapped, plain = _grouped_rollout([5, 5, 0, 0, 9, 9]), _grouped_rollout([0, 0, 1, 1, 2, 2])
-    for baseline in (kltune.LeaveOneOutBaseline(), kltune.GroupNormBaseline()):
+    for baseline in (kltune.LeaveOneOutBaseline(), kltune.GRPOBaseline()):
         torch.testing.assert_close(baseline.advantages(gapped), baseline.advantages(plain))
 
 
@@ -719,8 +719,8 @@ def test_baseline_settings_are_checked_when_built() -> None:
     cases: list[tuple[Callable[[], Any], str]] = [
         (lambda: kltune.MeanBaseline(gamma=2.0), r"gamma must lie in \[0, 1\], got 2\.0"),
         (lambda: kltune.LeaveOneOutBaseline(gamma=-0.1), r"gamma must lie in \[0, 1\]"),
-        (lambda: kltune.GroupNormBaseline(eps=-1.0), r"eps must be a finite number > 0, got -1\.0"),
-        (lambda: kltune.GroupNormBaseline(eps=0.0), r"eps must be a finite number > 0"),
+        (lambda: kltune.GRPOBaseline(eps=-1.0), r"eps must be a finite number > 0, got -1\.0"),
+        (lambda: kltune.GRPOBaseline(eps=0.0), r"eps must be a finite number > 0"),
         (lambda: kltune.GAEBaseline(lam=-1.0), r"lam must lie in \[0, 1\], got -1\.0"),
         (lambda: kltune.EMABaseline(value=NAN), r"value must be finite or None, got nan"),
         (lambda: kltune.PromptValueBaseline(vocab_size=0), r"vocab_size must be >= 1, got 0"),
@@ -1026,9 +1026,7 @@ def test_a_bad_reward_stops_the_iteration_before_any_update(
     blocks = dataclasses.replace(blocks, reward_fn=reward_fn)
     before = [p.detach().clone() for p in blocks.policy.parameters()]
     with pytest.raises(error, match=rf"reward function '<lambda>' {message}"):
-        ppo_iteration(
-            ["ab", "cd"], blocks, state, Sampling(max_new_tokens=3), Optimisation(), _gen()
-        )
+        ppo_iteration(["ab", "cd"], blocks, state, Sampling(max_new_tokens=3), Updates(), _gen())
     after = list(blocks.policy.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
@@ -1053,17 +1051,13 @@ def test_a_negative_beta_from_a_custom_controller_stops_the_loop(in_loss: bool) 
     kl = kltune.KLPenalty(placement="loss") if in_loss else None
     blocks, state = tiny_blocks(kl=kl, controller=_RogueController(beta=-0.1))
     with pytest.raises(ValueError, match=r"beta must be (>= 0|a finite number >= 0), got -0\.1"):
-        ppo_iteration(
-            ["ab", "cd"], blocks, state, Sampling(max_new_tokens=3), Optimisation(), _gen()
-        )
+        ppo_iteration(["ab", "cd"], blocks, state, Sampling(max_new_tokens=3), Updates(), _gen())
 
 
 def test_a_group_baseline_with_one_completion_per_prompt_stops_the_loop() -> None:
     blocks, state = tiny_blocks(baseline=kltune.LeaveOneOutBaseline())
     with pytest.raises(ValueError, match=r"several completions per prompt .*got 1"):
-        ppo_iteration(
-            ["ab", "cd"], blocks, state, Sampling(max_new_tokens=3), Optimisation(), _gen()
-        )
+        ppo_iteration(["ab", "cd"], blocks, state, Sampling(max_new_tokens=3), Updates(), _gen())
 
 
 def test_objective_refuses_a_negative_beta_directly() -> None:

@@ -28,8 +28,8 @@ BASELINES = [
     kltune.MeanBaseline(),
     kltune.EMABaseline(decay=0.5),
     kltune.LeaveOneOutBaseline(),
-    kltune.GroupNormBaseline(),
-    kltune.GroupNormBaseline(scale=False),
+    kltune.GRPOBaseline(),
+    kltune.GRPOBaseline(scale=False),
     kltune.GAEBaseline(gamma=1.0, lam=0.9),
     kltune.PromptValueBaseline(vocab_size=50, dim=8),
 ]
@@ -127,9 +127,40 @@ def test_feedback_controllers_raise_beta_above_target_and_lower_below(
 
 def test_group_baselines_reject_one_completion_per_prompt() -> None:
     rollout = synthetic_rollout(batch=4, group=1)
-    for baseline in (kltune.LeaveOneOutBaseline(), kltune.GroupNormBaseline()):
+    for baseline in (kltune.LeaveOneOutBaseline(), kltune.GRPOBaseline()):
         with pytest.raises(ValueError, match="several completions per prompt"):
             baseline.advantages(rollout)
+
+
+def test_grpo_without_kl_shaping_is_the_functional_grpo() -> None:
+    rollout = synthetic_rollout(batch=6, group=3)
+    assert rollout.scores is not None
+    unshaped = rollout.replace(
+        rewards=KF.shaped_rewards(rollout.scores, torch.zeros(6, 5), rollout.response_mask, 0.0)
+    )
+    advantages, _ = kltune.GRPOBaseline().advantages(unshaped)
+    expected = KF.grpo_advantages(rollout.scores, 3)[:, None].expand(6, 5)
+    assert torch.allclose(advantages, expected * rollout.response_mask, atol=1e-5)
+
+
+def test_grpo_with_tied_scores_keeps_the_kl_part_at_its_own_scale() -> None:
+    # All scores of every group equal: the score carries no signal, and the KL part
+    # is centred as a group-mean baseline centres it, not divided by a std of ~0.
+    rollout = synthetic_rollout(batch=6, group=3)
+    tied = rollout.replace(scores=torch.full((6,), 0.5))
+    kl = KF.kl_k3(rollout.old_logprobs, rollout.ref_logprobs)  # type: ignore[arg-type]
+    tied = tied.replace(rewards=KF.shaped_rewards(tied.scores, kl, tied.response_mask, 0.1))  # type: ignore[arg-type]
+    advantages, returns = kltune.GRPOBaseline().advantages(tied)
+    group_means = returns[:, 0].reshape(2, 3).mean(-1).repeat_interleave(3)
+    expected = (returns - group_means[:, None]) * tied.response_mask
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert float(advantages.abs().max()) < 1.0  # KL differences at β = 0.1, not unit-size
+
+
+def test_the_old_grpo_name_warns_and_builds_the_new_class() -> None:
+    with pytest.warns(DeprecationWarning, match="renamed GRPOBaseline"):
+        baseline = kltune.GroupNormBaseline(scale=False)
+    assert baseline == kltune.GRPOBaseline(scale=False)
 
 
 def test_leave_one_out_advantages_sum_to_zero_per_group_on_the_first_token() -> None:

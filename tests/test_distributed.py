@@ -108,7 +108,7 @@ def test_prepare_in_one_process_changes_nothing() -> None:
         generator = torch.Generator().manual_seed(0)
         for _ in range(2):
             state, _, metrics = kltune.ppo_iteration(
-                prompts, blocks, state, sampling, kltune.Optimisation(minibatch_size=3), generator
+                prompts, blocks, state, sampling, kltune.Updates(minibatch_size=3), generator
             )
         results.append((blocks.policy.state_dict(), metrics, state.controller))
     (plain, plain_metrics, plain_beta), (fast, fast_metrics, fast_beta) = results

@@ -25,12 +25,12 @@ PROMPTS = ["The movie", "A film about", "I think"]
 SAMPLING = kltune.Sampling(max_new_tokens=6, completions_per_prompt=2)
 
 
-def _iterate(blocks, state, n=2, optimisation=None, seed=0):
+def _iterate(blocks, state, n=2, updates=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
     metrics = []
     for _ in range(n):
         state, rollout, m = kltune.ppo_iteration(
-            PROMPTS, blocks, state, SAMPLING, optimisation or kltune.Optimisation(), generator
+            PROMPTS, blocks, state, SAMPLING, updates or kltune.Updates(), generator
         )
         metrics.append(m)
     return state, rollout, metrics
@@ -92,7 +92,7 @@ def test_kl_in_the_loss_leaves_rewards_unpenalised_and_adds_a_loss_term() -> Non
         kltune.MeanBaseline(),
         kltune.EMABaseline(),
         kltune.LeaveOneOutBaseline(),
-        kltune.GroupNormBaseline(),
+        kltune.GRPOBaseline(),
         kltune.GAEBaseline(),
     ],
     ids=lambda b: type(b).__name__,
@@ -111,8 +111,8 @@ def test_every_baseline_runs_in_the_loop(baseline: kltune.Baseline) -> None:
 def test_baseline_metrics_measure_against_the_oracle_floor() -> None:
     # Leave-one-out's advantages have mean square G/(G-1) times the within-prompt floor.
     blocks, state = tiny_blocks(baseline=kltune.LeaveOneOutBaseline())
-    optimisation = kltune.Optimisation(minibatch_size=2)
-    _, rollout, metrics = _iterate(blocks, state, n=1, optimisation=optimisation)
+    updates = kltune.Updates(minibatch_size=2)
+    _, rollout, metrics = _iterate(blocks, state, n=1, updates=updates)
     m = metrics[-1]
     assert rollout.rewards is not None and rollout.advantages is not None
     returns = KF.masked_sum(rollout.rewards, rollout.response_mask, dim=1)
@@ -126,7 +126,7 @@ def test_baseline_metrics_measure_against_the_oracle_floor() -> None:
     one = kltune.Sampling(max_new_tokens=6)
     blocks, state = tiny_blocks()
     generator = torch.Generator().manual_seed(0)
-    _, _, m = kltune.ppo_iteration(PROMPTS, blocks, state, one, kltune.Optimisation(), generator)
+    _, _, m = kltune.ppo_iteration(PROMPTS, blocks, state, one, kltune.Updates(), generator)
     assert "advantage/oracle_floor" not in m and "advantage/sequence_var" in m
 
 
@@ -167,9 +167,7 @@ def test_gradient_accumulation_matches_one_big_step_for_sequence_sums() -> None:
         rollout = estimate_advantages(state.baseline, rollout)
         from kltune.loop import _accumulate_gradients
 
-        _accumulate_gradients(
-            blocks, rollout, 0.1, kltune.Optimisation(grad_accumulation_steps=steps)
-        )
+        _accumulate_gradients(blocks, rollout, 0.1, kltune.Updates(grad_accumulation_steps=steps))
         grads.append(
             torch.cat([p.grad.flatten() for p in blocks.policy.parameters() if p.grad is not None])
         )
@@ -193,7 +191,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_cause(monkeypatc
     # A NaN loss never reaches the weights; K skips in a row stop the run with a reason.
     blocks, state, before = _scoring_nan(monkeypatch)
     with pytest.raises(NonFiniteLossError, match="learning rate"):
-        _iterate(blocks, state, n=4, optimisation=kltune.Optimisation(max_consecutive_skips=2))
+        _iterate(blocks, state, n=4, updates=kltune.Updates(max_consecutive_skips=2))
     for key, value in before.items():
         assert torch.equal(value, blocks.policy.model.state_dict()[key])
 
@@ -240,10 +238,8 @@ def test_stepping_in_backward_equals_stepping_after_backward(value_head: bool) -
     runs = []
     for in_backward in (False, True):
         blocks, state = tiny_blocks(value_head=value_head, baseline=baseline)
-        optimisation = kltune.Optimisation(
-            minibatch_size=3, max_grad_norm=None, step_in_backward=in_backward
-        )
-        state, _, metrics = _iterate(blocks, state, n=2, optimisation=optimisation)
+        updates = kltune.Updates(minibatch_size=3, max_grad_norm=None, step_in_backward=in_backward)
+        state, _, metrics = _iterate(blocks, state, n=2, updates=updates)
         runs.append((blocks.policy.state_dict(), metrics))
     (plain, plain_metrics), (fast, fast_metrics) = runs
     for key, value in plain.items():
@@ -256,15 +252,15 @@ def test_stepping_in_backward_equals_stepping_after_backward(value_head: bool) -
 
 def test_stepping_in_backward_refuses_accumulation_and_clipping() -> None:
     with pytest.raises(ValueError, match="grad_accumulation_steps=1 and max_grad_norm=None"):
-        kltune.Optimisation(step_in_backward=True)  # default clips at 1.0
+        kltune.Updates(step_in_backward=True)  # default clips at 1.0
     with pytest.raises(ValueError, match="step_in_backward"):
-        kltune.Optimisation(step_in_backward=True, max_grad_norm=None, grad_accumulation_steps=2)
+        kltune.Updates(step_in_backward=True, max_grad_norm=None, grad_accumulation_steps=2)
 
 
 def test_stepping_in_backward_skips_a_non_finite_loss(monkeypatch) -> None:
     blocks, state, before = _scoring_nan(monkeypatch)
-    optimisation = kltune.Optimisation(max_grad_norm=None, step_in_backward=True)
-    state, _, metrics = _iterate(blocks, state, n=1, optimisation=optimisation)
+    updates = kltune.Updates(max_grad_norm=None, step_in_backward=True)
+    state, _, metrics = _iterate(blocks, state, n=1, updates=updates)
     assert metrics[0]["policy/skipped_steps"] == 1
     for key, value in before.items():
         assert torch.equal(value, blocks.policy.model.state_dict()[key])
@@ -359,7 +355,7 @@ def test_the_loop_keeps_freed_memory_for_a_cpu_policy_unless_told_not_to(
         blocks,
         state,
         kltune.Sampling(max_new_tokens=3),
-        kltune.Optimisation(keep_freed_memory=keep),
+        kltune.Updates(keep_freed_memory=keep),
         torch.Generator().manual_seed(0),
     )
     assert len(calls) == expected

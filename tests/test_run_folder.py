@@ -28,7 +28,7 @@ PROMPTS = ["The movie", "A film about", "I think", "Overall the", "It was"]
 SETTINGS = dict(
     prompts_per_iteration=2,
     sampling=kltune.Sampling(max_new_tokens=5, completions_per_prompt=2),
-    optimisation=kltune.Optimisation(epochs=2, minibatch_size=2),
+    updates=kltune.Updates(epochs=2, minibatch_size=2),
     progress=False,
     seed=3,
 )

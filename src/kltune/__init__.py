@@ -31,6 +31,9 @@ if TYPE_CHECKING:
         GroupNormBaseline as GroupNormBaseline,
     )
     from kltune.baselines import (
+        GRPOBaseline as GRPOBaseline,
+    )
+    from kltune.baselines import (
         LearnedBaseline as LearnedBaseline,
     )
     from kltune.baselines import (
@@ -84,6 +87,9 @@ if TYPE_CHECKING:
     )
     from kltune.loop import (
         Sampling as Sampling,
+    )
+    from kltune.loop import (
+        Updates as Updates,
     )
     from kltune.loop import (
         ValueFit as ValueFit,
@@ -152,6 +158,7 @@ _EXPORTS = {
     "FrozenReference": "kltune.policy",
     "GAEBaseline": "kltune.baselines",
     "GroupNormBaseline": "kltune.baselines",
+    "GRPOBaseline": "kltune.baselines",
     "KLController": "kltune.kl_control",
     "KLPenalty": "kltune.kl_control",
     "KLPenaltyWarning": "kltune.kl_control",
@@ -160,6 +167,7 @@ _EXPORTS = {
     "LengthReward": "kltune.rewards",
     "LoopState": "kltune.loop",
     "MeanBaseline": "kltune.baselines",
+    "Updates": "kltune.loop",
     "Optimisation": "kltune.loop",
     "PPOObjective": "kltune.objective",
     "Policy": "kltune.policy",
@@ -216,6 +224,7 @@ __all__ = [
     "FixedKLController",
     "FrozenReference",
     "GAEBaseline",
+    "GRPOBaseline",
     "GroupNormBaseline",
     "KLController",
     "KLPenalty",
@@ -237,6 +246,7 @@ __all__ = [
     "RolloutBuffer",
     "RunningNormalizer",
     "Sampling",
+    "Updates",
     "VaderSentiment",
     "ValueFit",
     "clipped",

@@ -17,6 +17,7 @@ training loss is exposed as ``loss`` so the loop optimises it explicitly.
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Protocol, final, runtime_checkable
 
@@ -103,7 +104,8 @@ def _group_size(rollout: Rollout) -> int:
     if size < 2:
         raise ValueError(
             "group baselines need several completions per prompt "
-            "(rollout(..., completions_per_prompt=G) with G >= 2); got 1"
+            "(Sampling(completions_per_prompt=G) with G >= 2, or "
+            "Policy.rollout(..., completions_per_prompt=G)); got 1"
         )
     return size
 
@@ -202,20 +204,33 @@ class LeaveOneOutBaseline:
 
 @final
 @dataclass(frozen=True)
-class GroupNormBaseline:
-    r"""Group normalisation (GRPO): :math:`A_{i,t} = (G_{i,t} - \bar G_g)/(\operatorname{std}_g + \epsilon)`.
+class GRPOBaseline:
+    r"""Group-relative advantages (GRPO): each prompt's scores standardised within its group.
 
-    The mean and std are those of the sequence returns of the prompt's group.
-    Needs ``completions_per_prompt`` ≥ 2.
+    With the KL in the reward, a return is the score plus the KL shaping,
+    :math:`G_{i,t} = S_{i,t} + K_{i,t}`. Only the scores are standardised; the KL
+    part is centred on the group, as a group-mean baseline would:
+
+    .. math::
+        A_{i,t} = \frac{S_{i,t} - \bar S_{g,0}}{\operatorname{std}_g(S_{\cdot,0}) + \epsilon}
+            + \bigl(K_{i,t} - \bar K_{g,0}\bigr)
+
+    so a group whose scores all tie carries no score signal (advantage 0 from the
+    score) and keeps the small KL differences at their own scale, instead of
+    having them divided by a std of ~0 and blown up to unit size. With the KL in
+    the loss (or β = 0), :math:`K = 0` and this is DeepSeekMath's GRPO. Needs
+    ``completions_per_prompt`` >= 2 (``Sampling(completions_per_prompt=G)``).
 
     Args:
-        scale: divide by the group's std (False: only centre, as Dr. GRPO).
-        eps: added to the std, > 0: a group of equal returns gets advantages 0.
+        gamma: discount of the returns.
+        scale: divide the scores by their group's std (False: only centre the
+            whole return, as Dr. GRPO recommends).
+        eps: added to the std, > 0.
 
     Raises:
         ValueError: ``gamma`` outside [0, 1] or ``eps`` not a finite number > 0;
-            in :meth:`advantages`, one completion per prompt, groups of unequal
-            size, or groups that are not contiguous rows.
+            in :meth:`advantages`, the rollout has no scores, one completion per
+            prompt, groups of unequal size, or groups that are not contiguous rows.
     """
 
     gamma: float = 1.0
@@ -230,16 +245,42 @@ class GroupNormBaseline:
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
         size = _group_size(rollout)
-        groups = einops.rearrange(returns[:, 0], "(N G) -> N G", G=size)
-        mean = einops.repeat(groups.mean(-1), "N -> (N G)", G=size)
-        advantages = _minus(returns, mean, rollout)
-        if self.scale:
-            std = einops.repeat(groups.std(-1), "N -> (N G)", G=size)
-            advantages = advantages / einops.rearrange(std + self.eps, "B -> B 1")
-        return advantages, returns
 
-    def update(self, rollout: Rollout) -> "GroupNormBaseline":
+        def group_mean(values: Tensor) -> Tensor:
+            groups = einops.rearrange(values, "(N G) -> N G", G=size)
+            return einops.repeat(groups.mean(-1), "N -> (N G)", G=size)
+
+        if not self.scale:
+            return _minus(returns, group_mean(returns[:, 0]), rollout), returns
+        if rollout.scores is None:
+            raise ValueError("GRPOBaseline needs rollout.scores: run compute_scores first")
+        mask = rollout.response_mask
+        last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask  # the last real token
+        score_rewards = torch.where(last, rollout.scores[:, None].to(returns.dtype), 0.0)
+        scores = KF.reward_to_go(score_rewards, mask, self.gamma)  # S_t
+        shaping = returns - scores  # K_t: the KL part of the return
+        std = einops.rearrange(scores[:, 0], "(N G) -> N G", G=size).std(-1)
+        std = einops.repeat(std, "N -> (N G)", G=size)
+        standardised = _minus(scores, group_mean(scores[:, 0]), rollout) / einops.rearrange(
+            std + self.eps, "B -> B 1"
+        )
+        return standardised + _minus(shaping, group_mean(shaping[:, 0]), rollout), returns
+
+    def update(self, rollout: Rollout) -> "GRPOBaseline":
         return self
+
+
+class GroupNormBaseline:
+    """Deprecated name of :class:`GRPOBaseline` (it read as ``torch.nn.GroupNorm``);
+    removed in the next release."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> GRPOBaseline:  # type: ignore[misc]
+        warnings.warn(
+            "GroupNormBaseline is renamed GRPOBaseline; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return GRPOBaseline(*args, **kwargs)  # type: ignore[arg-type]
 
 
 @final

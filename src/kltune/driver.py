@@ -16,9 +16,10 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -26,17 +27,19 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from tqdm.auto import tqdm
 
+from kltune import _runconfig as runconfig
 from kltune._runfiles import RunFolderLockedError, RunLock, append_line, io_error, strict_json
 from kltune.checkpoint import (
     checkpoints,
     estimated_size,
+    latest_checkpoint,
     load_latest_checkpoint,
     remove_partial_saves,
     save_checkpoint,
 )
 from kltune.diagnostics import CollapseDetector, diversity_metrics
 from kltune.distributed import prepare
-from kltune.loop import Blocks, LoopState, Metrics, Optimisation, Sampling, ppo_iteration
+from kltune.loop import Blocks, LoopState, Metrics, Sampling, Updates, ppo_iteration
 from kltune.rollout import Rollout
 
 if TYPE_CHECKING:
@@ -44,7 +47,15 @@ if TYPE_CHECKING:
 
 Tracker = Callable[[Metrics, int], None]
 
-__all__ = ["RunFolderLockedError", "Tracker", "prompts_for_iteration", "train"]
+RunConfigMismatchError = runconfig.RunConfigMismatchError
+
+__all__ = [
+    "RunConfigMismatchError",
+    "RunFolderLockedError",
+    "Tracker",
+    "prompts_for_iteration",
+    "train",
+]
 
 # Process r samples with seed + r * stride: distinct random streams per process.
 _RANK_SEED_STRIDE = 1_000_003
@@ -230,7 +241,7 @@ def _truncate_lines(path: Path, keep: Callable[[int, str], bool]) -> None:
 
 
 def train(
-    prompts: Sequence[str],
+    prompts: Iterable[str],
     blocks: Blocks,
     state: LoopState,
     *,
@@ -238,17 +249,19 @@ def train(
     out_dir: str | Path,
     prompts_per_iteration: int = 8,
     sampling: Sampling = Sampling(),
-    optimisation: Optimisation = Optimisation(),
+    updates: Updates = Updates(),
     seed: int = 0,
     sample_every: int = 5,
     checkpoint_every: int = 0,
     keep_checkpoints: int = 2,
     resume: bool = False,
+    allow_config_change: bool = False,
     collapse_threshold: float = 0.5,
     tracker: Tracker | None = None,
     progress: bool = True,
     is_main_process: bool = True,
     accelerator: "Accelerator | None" = None,
+    optimisation: Updates | None = None,
 ) -> LoopState:
     """Run ``iterations`` PPO iterations, logging metrics, samples and checkpoints.
 
@@ -277,35 +290,75 @@ def train(
     cause (full disk, file-size limit, no permission) and the path.
 
     Args:
-        prompts: the prompt pool; each iteration draws ``prompts_per_iteration``
-            (per process).
-        blocks: the blocks (policy, reference, reward, objective, optimiser).
-        state: controller and baseline at the start.
+        prompts: the prompt pool: any iterable of non-empty strings (a list, a
+            tuple, a generator; not a single string). Each iteration draws
+            ``prompts_per_iteration`` of them (per process), walking the pool in
+            seeded passes (:func:`prompts_for_iteration`).
+        blocks: the blocks (policy, reference, reward, objective, optimiser; the
+            learning rate is the optimiser's).
+        state: the KL controller (so β) and the baseline at the start.
         iterations: the total number of iterations of the run (a resumed run
             continues up to it).
-        out_dir: folder for metrics, samples and checkpoints.
+        out_dir: folder for metrics, samples, checkpoints and the run's
+            configuration (created if needed; one run per folder).
+        prompts_per_iteration: prompts per iteration (8 by default); the batch is
+            this times ``sampling.completions_per_prompt`` completions.
+        sampling: how completions are drawn (:class:`~kltune.loop.Sampling`:
+            length, temperature, completions per prompt).
+        updates: how the batch becomes optimiser steps
+            (:class:`~kltune.loop.Updates`: epochs, minibatch size, clipping).
         seed: seeds the run's own generator (sampling, prompts, minibatches).
         sample_every: log 8 completions at iteration 1 (the reference's own) and
             at every multiple of this (0: never).
-        checkpoint_every: checkpoint every this many iterations (0: never).
+        checkpoint_every: checkpoint every this many iterations (0, the default:
+            never, and a resume starts over).
         keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
-        resume: continue from the newest usable checkpoint in ``out_dir``.
+        resume: continue from the newest usable checkpoint in ``out_dir``; the
+            settings must be those the run started with (recorded in
+            ``run_config.json``).
+        allow_config_change: with ``resume``, continue even though settings
+            differ from the recorded ones: the new settings apply (a new
+            controller or learning rate replaces the checkpoint's), a warning
+            lists the differences, ``run_config.json`` records them and the first
+            resumed iteration logs ``event/config_changed``.
+        collapse_threshold: the collapse detector flags an iteration whose
+            diversity falls below this fraction of the reference's (0.5).
         tracker: called with ``(metrics, iteration)`` after each iteration
             (e.g. a TensorBoard writer or ``accelerator.log``).
+        progress: show a progress bar with reward, KL and β (True).
         is_main_process: False on other ranks: nothing is written or shown
             (set from ``accelerator`` when there is one).
         accelerator: an ``accelerate.Accelerator`` for a data-parallel run.
+        optimisation: deprecated name of ``updates`` (removed in the next release).
+
+    On Ctrl-C the iteration in progress is abandoned, and a message says how many
+    iterations are logged, which checkpoint is kept and the call that resumes;
+    the ``KeyboardInterrupt`` then propagates. A resumed run prints the
+    iteration it resumed from.
 
     Returns:
         The final loop state.
 
     Raises:
         kltune.driver.RunFolderLockedError: another run holds ``out_dir``.
+        kltune.driver.RunConfigMismatchError: ``resume`` with settings that
+            differ from the run's, listing each difference.
         FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
-        ValueError: a count out of range, or ``out_dir`` (or a file in it) is not
-            of the kind it must be.
+        TypeError: ``prompts`` is a single string, or holds a non-string.
+        ValueError: a count out of range, settings that cannot work together
+            (a group baseline with one completion per prompt, GAE without a value
+            head, a minibatch that does not divide the batch), or ``out_dir`` (or
+            a file in it) is not of the kind it must be.
         OSError: the folder cannot be written, or a checkpoint would not fit.
     """
+    if optimisation is not None:
+        warnings.warn(
+            "train(optimisation=...) is renamed train(updates=...); the old name goes in "
+            "the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        updates = optimisation
     _check_counts(
         iterations=(iterations, 0),
         sample_every=(sample_every, 0),
@@ -313,6 +366,8 @@ def train(
         keep_checkpoints=(keep_checkpoints, 1),
         prompts_per_iteration=(prompts_per_iteration, 1),
     )
+    pool = runconfig.check_prompts(prompts)
+    runconfig.check_settings(blocks, state, sampling, updates, prompts_per_iteration)
     out = Path(out_dir)
     ranks = _Ranks.of(accelerator, is_main_process)
     if accelerator is not None:
@@ -325,10 +380,15 @@ def train(
         except OSError as error:
             raise io_error(error, out, "create the run folder") from error
     with RunLock(out) if ranks.main else nullcontext():
+        changed: list[str] = []
         if ranks.main:
             _prepare_folder(out, resume, checkpoint_every, blocks)
+            config = runconfig.describe(
+                pool, blocks, state, sampling, updates, seed, prompts_per_iteration
+            )
+            changed = _reconcile_config(out, config, resume, allow_config_change)
         return _run(
-            prompts,
+            pool,
             blocks,
             state,
             out,
@@ -336,16 +396,43 @@ def train(
             iterations=iterations,
             prompts_per_iteration=prompts_per_iteration,
             sampling=sampling,
-            optimisation=optimisation,
+            updates=updates,
             seed=seed,
             sample_every=sample_every,
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
             resume=resume,
+            changed=changed,
             collapse_threshold=collapse_threshold,
             tracker=tracker,
             progress=progress,
         )
+
+
+def _reconcile_config(out: Path, config: dict[str, Any], resume: bool, allow: bool) -> list[str]:
+    """Record the run's configuration; on resume, compare it with the recorded one and
+    refuse a difference unless ``allow`` (then return the differences)."""
+    recorded = runconfig.read(out) if resume else None
+    if recorded is None or "config" not in recorded:
+        runconfig.write(out, {"config": config, "changes": []})
+        return []
+    changed = runconfig.differences(recorded["config"], config)
+    if changed and not allow:
+        listed = "\n  ".join(changed)
+        raise runconfig.RunConfigMismatchError(
+            f"resuming {out} with settings that differ from the run's "
+            f"({out / runconfig.FILE}):\n  {listed}\nA run continued with other settings "
+            "is no longer one run. Resume with the original settings, start a new run in "
+            "another out_dir, or pass allow_config_change=True to continue with the new "
+            "settings (the change is recorded, and logged as event/config_changed)."
+        )
+    if changed:
+        warnings.warn(
+            f"continuing {out} with changed settings: " + "; ".join(changed), stacklevel=3
+        )
+        history = [*recorded.get("changes", []), {"differences": changed}]
+        runconfig.write(out, {"config": config, "changes": history})
+    return changed
 
 
 def _run(
@@ -358,12 +445,13 @@ def _run(
     iterations: int,
     prompts_per_iteration: int,
     sampling: Sampling,
-    optimisation: Optimisation,
+    updates: Updates,
     seed: int,
     sample_every: int,
     checkpoint_every: int,
     keep_checkpoints: int,
     resume: bool,
+    changed: list[str],
     collapse_threshold: float,
     tracker: Tracker | None,
     progress: bool,
@@ -372,8 +460,100 @@ def _run(
     is_main_process = ranks.main
     generator = torch.Generator(device="cpu").manual_seed(seed + _RANK_SEED_STRIDE * ranks.rank)
     reference_texts: list[str] | None = None
+    requested = state.controller
+    hyperparameters = [
+        {k: v for k, v in group.items() if k != "params"} for group in blocks.optimizer.param_groups
+    ]
     if resume:
         state, reference_texts = _restore(out, blocks, state, generator, ranks)
+        if any(line.startswith("controller") for line in changed):
+            state = dataclasses.replace(state, controller=requested)  # the new one, allowed
+        if any(line.startswith("optimizer") for line in changed):
+            for group, wanted in zip(blocks.optimizer.param_groups, hyperparameters, strict=True):
+                group.update(wanted)  # the requested learning rate (etc.), allowed
+        if is_main_process and state.iteration:
+            print(
+                f"kltune: resumed {out} at iteration {state.iteration} of {iterations} "
+                f"(controller {state.controller.state_dict()}, optimiser state of "
+                f"{len(blocks.optimizer.state)} parameters restored)",
+                file=sys.stderr,
+            )
+    event = {"event/config_changed": 1.0} if changed else {}
+    try:
+        return _iterate(
+            prompts,
+            blocks,
+            state,
+            out,
+            ranks,
+            generator,
+            reference_texts,
+            event,
+            iterations=iterations,
+            prompts_per_iteration=prompts_per_iteration,
+            sampling=sampling,
+            updates=updates,
+            seed=seed,
+            sample_every=sample_every,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            collapse_threshold=collapse_threshold,
+            tracker=tracker,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        if is_main_process:
+            _explain_interrupt(out, checkpoint_every)
+        raise
+
+
+def _explain_interrupt(out: Path, checkpoint_every: int) -> None:
+    """After Ctrl-C: what was kept, and the call that continues the run."""
+    newest = latest_checkpoint(out / "checkpoints")
+    logged = _count_lines(out / "metrics.jsonl")
+    if newest is None:
+        kept = (
+            "no checkpoint was written (checkpoint_every=0)"
+            if not checkpoint_every
+            else f"no checkpoint yet (the first comes at iteration {checkpoint_every})"
+        )
+        then = "a resume starts over from iteration 0"
+    else:
+        kept = f"the last checkpoint is {newest}"
+        then = f"a resume continues from iteration {int(newest.name.split('_')[-1])}"
+    print(
+        f"\nkltune: interrupted; the iteration in progress was abandoned. {logged} "
+        f"iterations are logged in {out / 'metrics.jsonl'}; {kept}, so {then}. "
+        f"To resume, run the same script with kltune.train(..., out_dir={str(out)!r}, "
+        "resume=True).",
+        file=sys.stderr,
+    )
+
+
+def _iterate(
+    prompts: Sequence[str],
+    blocks: Blocks,
+    state: LoopState,
+    out: Path,
+    ranks: "_Ranks",
+    generator: torch.Generator,
+    reference_texts: list[str] | None,
+    event: dict[str, float],
+    *,
+    iterations: int,
+    prompts_per_iteration: int,
+    sampling: Sampling,
+    updates: Updates,
+    seed: int,
+    sample_every: int,
+    checkpoint_every: int,
+    keep_checkpoints: int,
+    collapse_threshold: float,
+    tracker: Tracker | None,
+    progress: bool,
+) -> LoopState:
+    """The loop of :func:`train`: one PPO iteration, its logs and checkpoint, until done."""
+    is_main_process = ranks.main
     detector = _collapse_detector(reference_texts, collapse_threshold)
     bar = tqdm(
         total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
@@ -386,7 +566,7 @@ def _run(
             batch = ranks.share(prompts, prompts_per_iteration, state.iteration, seed)
             start = time.perf_counter()
             state, rollout, metrics = ppo_iteration(
-                batch, blocks, state, sampling, optimisation, generator
+                batch, blocks, state, sampling, updates, generator
             )
             metrics["time/iteration_seconds"] = time.perf_counter() - start
             texts = ranks.gather(list(rollout.completions))
@@ -394,7 +574,8 @@ def _run(
                 reference_texts = texts
                 detector = _collapse_detector(texts, collapse_threshold)
             diversity = diversity_metrics(texts)
-            metrics |= diversity | (detector.metrics(diversity) if detector else {})
+            metrics |= diversity | (detector.metrics(diversity) if detector else {}) | event
+            event = {}
             if metrics_file is not None:
                 _write_line(metrics_file, metrics)
             if samples_file is not None and _due(state.iteration, sample_every):

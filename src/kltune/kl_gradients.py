@@ -44,7 +44,7 @@ import kltune.functional as KF
 from kltune.baselines import MeanBaseline
 from kltune.kl_control import FixedKLController, KLPenalty
 from kltune.loading import tiny_random_model
-from kltune.loop import Blocks, LoopState, Optimisation, Sampling, ppo_iteration
+from kltune.loop import Blocks, LoopState, Sampling, Updates, ppo_iteration
 from kltune.objective import PPOObjective
 from kltune.policy import FrozenReference, HeadReference, Policy
 from kltune.rollout import NextTokenHead, Rollout
@@ -242,7 +242,7 @@ def pull_back(
     )
     state = LoopState(controller=FixedKLController(beta=1.0), baseline=MeanBaseline())
     sampling = Sampling(max_new_tokens=8, completions_per_prompt=4)
-    optimisation = Optimisation(minibatch_size=8)
+    updates = Updates(minibatch_size=8)
     generator = torch.Generator().manual_seed(0)
 
     def measure() -> float:
@@ -256,6 +256,6 @@ def pull_back(
 
     kls = [measure()]
     for _ in range(iterations):
-        state, _, _ = ppo_iteration(prompts, blocks, state, sampling, optimisation, generator)
+        state, _, _ = ppo_iteration(prompts, blocks, state, sampling, updates, generator)
         kls.append(measure())
     return kls

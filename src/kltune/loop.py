@@ -38,7 +38,28 @@ class NonFiniteLossError(RuntimeError):
 @final
 @dataclass(frozen=True)
 class Sampling:
-    """How completions are drawn (see :meth:`kltune.Policy.rollout`)."""
+    """How completions are drawn each iteration (see :meth:`kltune.Policy.rollout`).
+
+    Args:
+        max_new_tokens: the most tokens a completion may have (>= 1); 32 by
+            default. Sampling time grows linearly with it.
+        temperature: τ > 0; the logits are divided by it (1: the model's own
+            distribution). The KL and the PPO ratio use the same τ.
+        top_k: sample only among the k most likely tokens (None: all).
+        top_p: nucleus sampling: the smallest set of tokens with this much mass
+            (None: all).
+        completions_per_prompt: G, completions drawn for each prompt (1 by
+            default; >= 2 for the group baselines, leave-one-out and GRPO). A
+            batch has ``prompts_per_iteration × G`` completions.
+        autocast_dtype: run the model in this dtype (e.g. ``torch.bfloat16``)
+            while sampling; None: the model's own dtype.
+        stop_at_eos: end a completion at its EOS token (True, the default);
+            False: every completion has exactly ``max_new_tokens`` tokens.
+
+    Raises:
+        ValueError: a value out of range (see :meth:`kltune.Policy.rollout`).
+        TypeError: a count that is not an int, or ``stop_at_eos`` not a bool.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -61,14 +82,31 @@ class Sampling:
         )
 
 
+def Optimisation(*args: Any, **kwargs: Any) -> "Updates":
+    """Deprecated name of :class:`Updates` (it read as a twin of ``Blocks.optimizer``);
+    removed in the next release."""
+    warnings.warn(
+        "Optimisation is renamed Updates (and train(optimisation=...) is train(updates=...)); "
+        "the old names go in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return Updates(*args, **kwargs)
+
+
 @final
 @dataclass(frozen=True)
-class Optimisation:
-    """How one batch of rollouts is turned into optimiser steps.
+class Updates:
+    """How one batch of rollouts is turned into optimiser steps (PPO's update phase).
+
+    The optimiser itself (and its learning rate) is ``Blocks.optimizer``; these
+    settings say how the batch is cut and passed to it.
 
     Args:
-        epochs: passes over the batch.
-        minibatch_size: rows per optimiser step (None: the whole batch).
+        epochs: passes over the batch (1 by default; PPO papers use 1 to 4).
+        minibatch_size: rows (completions) per optimiser step; it must divide
+            the batch of ``prompts_per_iteration × completions_per_prompt``
+            (None, the default: the whole batch, one step per epoch).
         grad_accumulation_steps: split each minibatch into this many
             micro-batches, accumulating gradients (same step, less memory).
         max_grad_norm: clip the global gradient norm (None: no clipping).
@@ -274,7 +312,7 @@ def keep_freed_memory() -> bool:
     what it was. PyTorch's caching allocator does the same on a GPU.
 
     :func:`ppo_iteration` calls it for a policy on a CPU unless
-    ``Optimisation(keep_freed_memory=False)``. It affects the whole process and
+    ``Updates(keep_freed_memory=False)``. It affects the whole process and
     stays in effect.
 
     Returns:
@@ -366,7 +404,7 @@ def optimise(
     blocks: Blocks,
     buffer: RolloutBuffer,
     beta: float,
-    optimisation: Optimisation,
+    updates: Updates,
     generator: torch.Generator,
     state: LoopState,
 ) -> tuple[LoopState, list[dict[str, Tensor]]]:
@@ -377,26 +415,26 @@ def optimise(
     balance (their sum is ∇KL only at equal scale)."""
     if blocks.objective.kl.in_reward and blocks.objective.kl.in_loss:
         beta = beta * buffer.advantage_scale
-    size = len(buffer) if optimisation.minibatch_size is None else optimisation.minibatch_size
+    size = len(buffer) if updates.minibatch_size is None else updates.minibatch_size
     history = []
-    for minibatch in buffer.minibatches(size, optimisation.epochs, generator):
+    for minibatch in buffer.minibatches(size, updates.epochs, generator):
         blocks.optimizer.zero_grad(set_to_none=True)
-        if optimisation.step_in_backward:
+        if updates.step_in_backward:
             with _stepping_in_backward(blocks.policy, blocks.optimizer) as tally:
-                metrics = _accumulate_gradients(blocks, minibatch, beta, optimisation)
+                metrics = _accumulate_gradients(blocks, minibatch, beta, updates)
             grad_norm = tally.norm()
             stepped = tally.finite
         else:
-            metrics = _accumulate_gradients(blocks, minibatch, beta, optimisation)
-            grad_norm = _clipped_grad_norm(blocks.policy, optimisation.max_grad_norm)
+            metrics = _accumulate_gradients(blocks, minibatch, beta, updates)
+            grad_norm = _clipped_grad_norm(blocks.policy, updates.max_grad_norm)
             stepped = bool(torch.isfinite(grad_norm))
         metrics["policy/grad_norm"] = grad_norm
         if stepped and torch.isfinite(metrics["loss/total"]):
-            if not optimisation.step_in_backward:
+            if not updates.step_in_backward:
                 blocks.optimizer.step()
             state = _replace(state, consecutive_skips=0)
         else:
-            state = _skip(state, optimisation)
+            state = _skip(state, updates)
         blocks.optimizer.zero_grad(set_to_none=True)
         history.append(metrics)
     return state, history
@@ -483,11 +521,11 @@ def ppo_iteration(
     blocks: Blocks,
     state: LoopState,
     sampling: Sampling,
-    optimisation: Optimisation,
+    updates: Updates,
     generator: torch.Generator,
 ) -> tuple[LoopState, Rollout, Metrics]:
     """One PPO iteration: sample, score, shape with KL, advantages, optimise, update β."""
-    if optimisation.keep_freed_memory and blocks.policy.device.type == "cpu":
+    if updates.keep_freed_memory and blocks.policy.device.type == "cpu":
         keep_freed_memory()
     allocate_optimizer_state(blocks.optimizer)
     if blocks.value_fit is not None:
@@ -500,9 +538,9 @@ def ppo_iteration(
     rollout = shape_with_kl(rollout, kl_tokens, blocks.objective.kl, beta)
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = RolloutBuffer(rollout)
-    if optimisation.whiten_advantages:
+    if updates.whiten_advantages:
         buffer = buffer.whitened(all_reduce=blocks.all_reduce)
-    state, history = optimise(blocks, buffer, beta, optimisation, generator, state)
+    state, history = optimise(blocks, buffer, beta, updates, generator, state)
     metrics = rollout_metrics(rollout, kl_tokens, beta) | _mean_metrics(history)
     if blocks.value_fit is not None:
         metrics |= fit_value_baseline(blocks.value_fit, rollout)
@@ -625,9 +663,9 @@ def _sequence_advantage_metrics(rollout: Rollout) -> Metrics:
 
 
 def _accumulate_gradients(
-    blocks: Blocks, minibatch: Rollout, beta: float, optimisation: Optimisation
+    blocks: Blocks, minibatch: Rollout, beta: float, updates: Updates
 ) -> dict[str, Tensor]:
-    steps = optimisation.grad_accumulation_steps
+    steps = updates.grad_accumulation_steps
     if steps < 1 or len(minibatch) % steps != 0:
         raise ValueError(
             f"grad_accumulation_steps={steps} must be >= 1 and divide the minibatch of "
@@ -642,7 +680,7 @@ def _accumulate_gradients(
         # backward): its NaN gradients make the step be skipped, on every process
         # alike once gradients are synchronised, and no process waits forever
         # for another's backward.
-        if not optimisation.step_in_backward or bool(torch.isfinite(loss)):
+        if not updates.step_in_backward or bool(torch.isfinite(loss)):
             blocks.backward(loss / steps)
         for key, value in metrics.items():
             sums[key] = sums.get(key, torch.zeros(())) + value.float().cpu() / steps
@@ -657,11 +695,11 @@ def _clipped_grad_norm(policy: Policy, max_norm: float | None) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(params, limit).detach().float().cpu()
 
 
-def _skip(state: LoopState, optimisation: Optimisation) -> LoopState:
+def _skip(state: LoopState, updates: Updates) -> LoopState:
     state = _replace(
         state, consecutive_skips=state.consecutive_skips + 1, total_skips=state.total_skips + 1
     )
-    if state.consecutive_skips >= optimisation.max_consecutive_skips:
+    if state.consecutive_skips >= updates.max_consecutive_skips:
         raise NonFiniteLossError(
             f"{state.consecutive_skips} optimiser steps in a row had a non-finite loss or "
             "gradient and were skipped. Likely causes: rewards on a huge scale (normalise "

@@ -62,14 +62,15 @@ _LABELS: Final[Mapping[str, str]] = MappingProxyType(
 _BAND: Final = "line: mean over seeds; shaded: min–max over seeds"
 
 PathArg = str | os.PathLike[str]
-Records = Sequence[Mapping[str, float]]
+Records = Sequence[Mapping[str, float | int]]
 
 
-def read_metrics(path: PathArg) -> list[dict[str, float]]:
+def read_metrics(path: PathArg) -> list[dict[str, float | int]]:
     """Read a JSONL metrics file: one JSON object per line, one line per iteration.
 
-    Numeric values (ints, floats, booleans, ``NaN``) are kept as floats; other
-    values (strings such as a run label, ``null``, lists) are dropped. Blank
+    Numeric values (ints, floats, booleans, ``NaN``) are kept as floats, except
+    ``"iteration"``, an int; other values (strings such as a run label, ``null``
+    (a non-finite metric, see :doc:`/metrics`), lists) are dropped. Blank
     lines are skipped. A last line that is not valid JSON is skipped too: it is
     what a run still writing, or killed mid-write, leaves behind.
 
@@ -90,7 +91,7 @@ def read_metrics(path: PathArg) -> list[dict[str, float]]:
         >>> log = folder / "seed0.jsonl"
         >>> _ = log.write_text('{"iteration": 0, "kl/mean": 0.5, "arm": "x"}\\n{"iteration": 1, "k')
         >>> read_metrics(log)
-        [{'iteration': 0.0, 'kl/mean': 0.5}]
+        [{'iteration': 0, 'kl/mean': 0.5}]
         >>> shutil.rmtree(folder)
     """
     file = Path(path)
@@ -113,11 +114,16 @@ def read_metrics(path: PathArg) -> list[dict[str, float]]:
             ) from err
         if not isinstance(obj, dict):
             raise ValueError(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        records.append({k: float(v) for k, v in obj.items() if isinstance(v, int | float)})
+        record = {k: float(v) for k, v in obj.items() if isinstance(v, int | float)}
+        if "iteration" in record and float(record["iteration"]).is_integer():
+            record["iteration"] = int(record["iteration"])
+        records.append(record)
     return records
 
 
-def _read_runs(runs: Mapping[str, Sequence[PathArg]]) -> dict[str, list[list[dict[str, float]]]]:
+def _read_runs(
+    runs: Mapping[str, Sequence[PathArg]],
+) -> dict[str, list[list[dict[str, float | int]]]]:
     """Read every seed's file of every arm, checking the ``runs`` mapping's shape."""
     if not runs:
         raise ValueError("runs is empty; map each arm's label to its seeds' metrics files")

@@ -312,7 +312,8 @@ def test_grpo_advantages_have_zero_mean_per_group(sg, scale):
     # Group-normalised advantages are centred within each prompt's group.
     scores, g = sg
     means = KF.grpo_advantages(scores, g, scale=scale).reshape(-1, g).mean(-1)
-    torch.testing.assert_close(means, torch.zeros_like(means), atol=1e-12, rtol=0.0)
+    # (equal scores centre to rounding error ~1e-16, which eps = 1e-6 scales to ~1e-10)
+    torch.testing.assert_close(means, torch.zeros_like(means), atol=1e-8, rtol=0.0)
 
 
 @given(grouped_scores())
