@@ -68,6 +68,7 @@ def examples(session: nox.Session) -> None:
         "length",
         "controllers",
         "kl_estimators",
+        "own_reward",
     ]:
         session.run("python", f"examples/{script}.py", "--smoke", "--out", f"runs/smoke/{script}")
 
