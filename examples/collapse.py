@@ -14,7 +14,9 @@ iterations of 16 completions of exactly 32 tokens, k1 in the reward, fixed beta
     python examples/collapse.py --smoke --out runs/smoke/collapse
 """
 
-from experiment import final_samples, load, parse_args, run_arm, selected
+import json
+
+from experiment import describe_run, final_samples, finished, load, parse_args, run_arm, selected
 from kl_arms import COLLAPSE
 
 import kltune
@@ -23,9 +25,12 @@ from kltune.plots import plot_runs, summary_table
 
 args = parse_args(__doc__, iterations=100, seeds=[0, 1, 2], out="runs/collapse")
 arms = COLLAPSE
-folders = {
-    arm.name: [run_arm(arm, args, seed)[0] for seed in args.seeds] for arm in selected(arms, args)
-}
+if not args.report:
+    for arm in selected(arms, args):
+        for seed in args.seeds:
+            run_arm(arm, args, seed)
+# the report covers every finished run of every arm, whichever call trained it
+folders = {arm.name: runs for arm in arms if (runs := finished(arm, args))}
 metrics = {name: [f / "metrics.jsonl" for f in runs] for name, runs in folders.items()}
 
 plot = plot_runs(
@@ -55,13 +60,27 @@ keys = [
 lines = [
     "# Collapse at beta = 0",
     "",
-    f"{args.iterations} iterations, seeds {args.seeds}; averages over the last 5 iterations "
-    "(mean ± std over seeds):",
+    f"{args.iterations} iterations of 16 completions of exactly 32 tokens (kl_arms.py); "
+    "averages over the last 5 iterations (mean ± std over seeds):",
     "",
     summary_table(metrics, keys=keys, last_k=5),
     "",
-    "## Final completions (seed 0)",
+    "## Each run at its last iteration",
+    "",
+    "| arm | seed | reward | KL (nats) | β | distinct-2 | self-BLEU | collapse flagged at |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
+for name, runs in folders.items():
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        end = rows[-1]
+        flagged = next((int(r["iteration"]) for r in rows if r.get("collapse/flag") == 1), None)
+        lines.append(
+            f"| {name} | {run.name[4:]} | {end['reward/score_mean']:.3f} | {end['kl/mean']:.1f} "
+            f"| {end['kl/beta']:.3g} | {end['diversity/distinct_2']:.3f} "
+            f"| {end['diversity/self_bleu']:.2f} | {flagged or '–'} |"
+        )
+lines += ["", *describe_run(folders), "", "## Final completions (first seed of each arm)"]
 for name, runs in folders.items():
     lines += ["", f"### {name}", ""]
     lines += [
@@ -88,9 +107,11 @@ lines += [
     "| --- | ---: | ---: | ---: |",
 ]
 for name, runs in folders.items():
-    for seed, run in zip(args.seeds, runs, strict=True):
+    for run in runs:
         first, last = final_samples(run, first=True), final_samples(run)
-        lines.append(f"| {name} | {seed} | {perplexity(first):.1f} | {perplexity(last):.1f} |")
+        lines.append(
+            f"| {name} | {run.name[4:]} | {perplexity(first):.1f} | {perplexity(last):.1f} |"
+        )
 (args.out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 print(f"\nwrote {plot}")

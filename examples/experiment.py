@@ -53,6 +53,9 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(defaults.get("out", "runs/example")))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process)")
     parser.add_argument("--arms", nargs="+", help="run only these arms (names)")
+    parser.add_argument(
+        "--report", action="store_true", help="train nothing: redraw from the finished runs"
+    )
     parser.add_argument("--lr", type=float, help="Adam's learning rate for every arm")
     parser.add_argument(
         "--placement",
