@@ -56,9 +56,10 @@ arms = [
         ("value head + GAE", "gae"),
     ]
 ]
-for arm in selected(arms, args):
-    for seed in args.seeds:
-        run_arm(arm, args, seed)
+if not args.report:
+    for arm in selected(arms, args):
+        for seed in args.seeds:
+            run_arm(arm, args, seed)
 runs = {arm.name: finished(arm, args) for arm in arms}
 runs = {name: folders for name, folders in runs.items() if folders}
 metrics = {name: [f / "metrics.jsonl" for f in folders] for name, folders in runs.items()}

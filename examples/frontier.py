@@ -10,6 +10,7 @@ computed exactly from them, at its closed-form KL log n − (n−1)/n.
 
     python examples/frontier.py --iterations 100 --seeds 0 --out runs/collapse
     python examples/frontier.py --arms "fixed beta=0.5" --seeds 0 1 --out runs/collapse
+    python examples/frontier.py --report --out runs/collapse   # redraw only
     python examples/frontier.py --smoke --out runs/smoke/collapse
 """
 
@@ -25,9 +26,10 @@ import kltune.functional as KF
 from kltune.plots import plot_frontier, summary_table
 
 args = parse_args(__doc__, iterations=100, seeds=[0], out="runs/collapse")
-for arm in selected(FRONTIER, args):
-    for seed in args.seeds:
-        run_arm(arm, args, seed)
+if not args.report:
+    for arm in selected(FRONTIER, args):
+        for seed in args.seeds:
+            run_arm(arm, args, seed)
 
 
 def best_of_n_scores(samples: int) -> dict:
