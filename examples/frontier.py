@@ -75,6 +75,10 @@ runs = {arm.name: finished(arm, args) for arm in FRONTIER}
 metrics = {
     name: [f / "metrics.jsonl" for f in folders] for name, folders in runs.items() if folders
 }
+if not metrics:
+    raise SystemExit(
+        f"no finished run under {args.out} yet (best-of-n is cached in best_of_n.json)"
+    )
 plot = plot_frontier(
     metrics,
     args.out / "frontier.png",
