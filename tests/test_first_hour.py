@@ -181,7 +181,9 @@ def test_a_resume_says_where_it_resumed(tmp_path: Path, capsys: pytest.CaptureFi
 def test_ctrl_c_keeps_the_checkpoint_and_prints_the_resume_call(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import signal, sys, time
+        # a pytest-xdist worker ignores SIGINT, and its children inherit that
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(HERE)!r})
         import kltune
         from helpers import tiny_blocks
