@@ -387,12 +387,10 @@ def train(
                 pool, blocks, state, sampling, updates, seed, prompts_per_iteration
             )
             changed = _reconcile_config(out, config, resume, allow_config_change)
-        return _run(
-            pool,
-            blocks,
-            state,
-            out,
-            ranks,
+        run = _Run(
+            prompts=pool,
+            out=out,
+            ranks=ranks,
             iterations=iterations,
             prompts_per_iteration=prompts_per_iteration,
             sampling=sampling,
@@ -401,12 +399,11 @@ def train(
             sample_every=sample_every,
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
-            resume=resume,
-            changed=changed,
             collapse_threshold=collapse_threshold,
             tracker=tracker,
             progress=progress,
         )
+        return _run(run, blocks, state, resume=resume, changed=changed)
 
 
 def _reconcile_config(out: Path, config: dict[str, Any], resume: bool, allow: bool) -> list[str]:
@@ -435,30 +432,32 @@ def _reconcile_config(out: Path, config: dict[str, Any], resume: bool, allow: bo
     return changed
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The settings of one :func:`train` call, checked, as its stages need them."""
+
+    prompts: list[str]
+    out: Path
+    ranks: "_Ranks"
+    iterations: int
+    prompts_per_iteration: int
+    sampling: Sampling
+    updates: Updates
+    seed: int
+    sample_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    collapse_threshold: float
+    tracker: Tracker | None
+    progress: bool
+
+
 def _run(
-    prompts: Sequence[str],
-    blocks: Blocks,
-    state: LoopState,
-    out: Path,
-    ranks: "_Ranks",
-    *,
-    iterations: int,
-    prompts_per_iteration: int,
-    sampling: Sampling,
-    updates: Updates,
-    seed: int,
-    sample_every: int,
-    checkpoint_every: int,
-    keep_checkpoints: int,
-    resume: bool,
-    changed: list[str],
-    collapse_threshold: float,
-    tracker: Tracker | None,
-    progress: bool,
+    run: _Run, blocks: Blocks, state: LoopState, *, resume: bool, changed: list[str]
 ) -> LoopState:
     """The iterations of :func:`train`, once the folder is locked and checked."""
-    is_main_process = ranks.main
-    generator = torch.Generator(device="cpu").manual_seed(seed + _RANK_SEED_STRIDE * ranks.rank)
+    out, ranks = run.out, run.ranks
+    generator = torch.Generator(device="cpu").manual_seed(run.seed + _RANK_SEED_STRIDE * ranks.rank)
     reference_texts: list[str] | None = None
     requested = state.controller
     hyperparameters = [
@@ -471,39 +470,19 @@ def _run(
         if any(line.startswith("optimizer") for line in changed):
             for group, wanted in zip(blocks.optimizer.param_groups, hyperparameters, strict=True):
                 group.update(wanted)  # the requested learning rate (etc.), allowed
-        if is_main_process and state.iteration:
+        if ranks.main and state.iteration:
             print(
-                f"kltune: resumed {out} at iteration {state.iteration} of {iterations} "
+                f"kltune: resumed {out} at iteration {state.iteration} of {run.iterations} "
                 f"(controller {state.controller.state_dict()}, optimiser state of "
                 f"{len(blocks.optimizer.state)} parameters restored)",
                 file=sys.stderr,
             )
     event = {"event/config_changed": 1.0} if changed else {}
     try:
-        return _iterate(
-            prompts,
-            blocks,
-            state,
-            out,
-            ranks,
-            generator,
-            reference_texts,
-            event,
-            iterations=iterations,
-            prompts_per_iteration=prompts_per_iteration,
-            sampling=sampling,
-            updates=updates,
-            seed=seed,
-            sample_every=sample_every,
-            checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints,
-            collapse_threshold=collapse_threshold,
-            tracker=tracker,
-            progress=progress,
-        )
+        return _iterate(run, blocks, state, generator, reference_texts, event)
     except KeyboardInterrupt:
-        if is_main_process:
-            _explain_interrupt(out, checkpoint_every)
+        if ranks.main:
+            _explain_interrupt(out, run.checkpoint_every)
         raise
 
 
@@ -531,61 +510,51 @@ def _explain_interrupt(out: Path, checkpoint_every: int) -> None:
 
 
 def _iterate(
-    prompts: Sequence[str],
+    run: _Run,
     blocks: Blocks,
     state: LoopState,
-    out: Path,
-    ranks: "_Ranks",
     generator: torch.Generator,
     reference_texts: list[str] | None,
     event: dict[str, float],
-    *,
-    iterations: int,
-    prompts_per_iteration: int,
-    sampling: Sampling,
-    updates: Updates,
-    seed: int,
-    sample_every: int,
-    checkpoint_every: int,
-    keep_checkpoints: int,
-    collapse_threshold: float,
-    tracker: Tracker | None,
-    progress: bool,
 ) -> LoopState:
     """The loop of :func:`train`: one PPO iteration, its logs and checkpoint, until done."""
-    is_main_process = ranks.main
-    detector = _collapse_detector(reference_texts, collapse_threshold)
+    out, ranks, is_main_process = run.out, run.ranks, run.ranks.main
+    detector = _collapse_detector(reference_texts, run.collapse_threshold)
     bar = tqdm(
-        total=iterations, initial=state.iteration, disable=not (progress and is_main_process)
+        total=run.iterations,
+        initial=state.iteration,
+        disable=not (run.progress and is_main_process),
     )
     with (
         _open(out / "metrics.jsonl", is_main_process) as metrics_file,
         _open(out / "samples.jsonl", is_main_process) as samples_file,
     ):
-        while state.iteration < iterations:
-            batch = ranks.share(prompts, prompts_per_iteration, state.iteration, seed)
+        while state.iteration < run.iterations:
+            batch = ranks.share(run.prompts, run.prompts_per_iteration, state.iteration, run.seed)
             start = time.perf_counter()
             state, rollout, metrics = ppo_iteration(
-                batch, blocks, state, sampling, updates, generator
+                batch, blocks, state, run.sampling, run.updates, generator
             )
             metrics["time/iteration_seconds"] = time.perf_counter() - start
             texts = ranks.gather(list(rollout.completions))
             if reference_texts is None:  # π_ref's own samples (iteration 0), kept in checkpoints
                 reference_texts = texts
-                detector = _collapse_detector(texts, collapse_threshold)
+                detector = _collapse_detector(texts, run.collapse_threshold)
             diversity = diversity_metrics(texts)
             metrics |= diversity | (detector.metrics(diversity) if detector else {}) | event
             event = {}
             if metrics_file is not None:
                 _write_line(metrics_file, metrics)
-            if samples_file is not None and _due(state.iteration, sample_every):
+            if samples_file is not None and _due(state.iteration, run.sample_every):
                 _write_line(samples_file, _samples_record(state.iteration, rollout, 8))
-            if tracker is not None:
-                tracker(metrics, state.iteration)
-            if checkpoint_every and state.iteration % checkpoint_every == 0:
+            if run.tracker is not None:
+                run.tracker(metrics, state.iteration)
+            if run.checkpoint_every and state.iteration % run.checkpoint_every == 0:
                 generators = ranks.gather([generator.get_state()])
                 if is_main_process:
-                    _checkpoint(out, blocks, state, generators, reference_texts, keep_checkpoints)
+                    _checkpoint(
+                        out, blocks, state, generators, reference_texts, run.keep_checkpoints
+                    )
             _show_progress(bar, metrics)
     bar.close()
     return state
