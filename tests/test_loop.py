@@ -130,6 +130,21 @@ def test_baseline_metrics_measure_against_the_oracle_floor() -> None:
     assert "advantage/oracle_floor" not in m and "advantage/sequence_var" in m
 
 
+def test_grpo_with_tied_scores_and_no_penalty_leaves_the_policy_alone() -> None:
+    # Every completion scores the same and β = 0: GRPO's advantages are exactly 0, so
+    # an iteration must not move a single weight (zero advantages move nothing; the
+    # tied-score case with a KL part is tested in test_conformance.py).
+    blocks, state = tiny_blocks(
+        baseline=kltune.GRPOBaseline(), controller=kltune.FixedKLController(beta=0.0)
+    )
+    blocks = kltune.Blocks(**{**blocks.__dict__, "reward_fn": lambda p, c: [0.5] * len(c)})
+    before = copy.deepcopy(blocks.policy.state_dict())
+    _, rollout, metrics = _iterate(blocks, state, n=1)
+    assert rollout.advantages is not None and float(rollout.advantages.abs().max()) == 0.0
+    for key, value in blocks.policy.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_learned_prompt_baseline_is_fitted_by_the_loop() -> None:
     blocks, state = tiny_blocks()
     value = kltune.PromptValueBaseline(vocab_size=len(blocks.policy.tokenizer), dim=8)
