@@ -139,7 +139,7 @@ def test_grpo_with_tied_scores_and_no_penalty_leaves_the_policy_alone() -> None:
     )
     blocks = kltune.Blocks(**{**blocks.__dict__, "reward_fn": lambda p, c: [0.5] * len(c)})
     before = copy.deepcopy(blocks.policy.state_dict())
-    _, rollout, metrics = _iterate(blocks, state, n=1)
+    _, rollout, _ = _iterate(blocks, state, n=1)
     assert rollout.advantages is not None and float(rollout.advantages.abs().max()) == 0.0
     for key, value in blocks.policy.state_dict().items():
         assert torch.equal(value, before[key]), key
