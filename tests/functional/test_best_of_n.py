@@ -105,3 +105,36 @@ def test_bad_input_is_named() -> None:
         KF.best_of_n_kl(0)
     with without_runtime_typecheck(), pytest.raises(TypeError, match="n must be an int"):
         KF.best_of_n_kl(2.0)  # type: ignore[arg-type]
+
+
+@given(scores_and_n(), st.randoms())
+def test_values_average_the_value_of_the_best_scored_sample(case, rng) -> None:
+    scores, n = case
+    p, m = scores.shape
+    scores = scores + torch.arange(m, dtype=torch.float64) * 1e-3  # distinct: one best
+    values = torch.tensor([[rng.uniform(-1, 1) for _ in range(m)] for _ in range(p)])
+    values = values.double()
+    brute = [
+        sum(
+            float(values[row, max(c, key=lambda j, row=row: float(scores[row, j]))])
+            for c in itertools.combinations(range(m), n)
+        )
+        / math.comb(m, n)
+        for row in range(p)
+    ]
+    got = KF.expected_best_of_n(scores, n, values=values)
+    assert torch.allclose(got, torch.tensor(brute, dtype=torch.float64), atol=1e-9)
+    # the scores as their own values give the plain estimate
+    assert torch.allclose(
+        KF.expected_best_of_n(scores, n, values=scores), KF.expected_best_of_n(scores, n)
+    )
+
+
+def test_values_must_match_the_scores() -> None:
+    assert_bad_input(
+        lambda: KF.expected_best_of_n(torch.zeros(2, 3), 1, values=torch.zeros(2, 2)),
+        message="shape",
+        argument="values",
+    )
+    with pytest.raises(ValueError, match="NaN"):
+        KF.expected_best_of_n(torch.zeros(1, 2), 1, values=torch.tensor([[0.0, math.nan]]))

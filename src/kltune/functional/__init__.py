@@ -100,13 +100,37 @@ from kltune.functional._ppo import (
 from kltune.functional._ppo import (
     value_regression_loss as value_regression_loss,
 )
+from kltune.functional._preferences import (
+    bradley_terry_loss as bradley_terry_loss,
+)
+from kltune.functional._preferences import (
+    dpo_implicit_rewards as dpo_implicit_rewards,
+)
+from kltune.functional._preferences import (
+    dpo_loss as dpo_loss,
+)
+from kltune.functional._preferences import (
+    overoptimisation_coefficients as overoptimisation_coefficients,
+)
+from kltune.functional._preferences import (
+    overoptimisation_curve as overoptimisation_curve,
+)
+from kltune.functional._preferences import (
+    preference_accuracy as preference_accuracy,
+)
+from kltune.functional._preferences import (
+    preference_logits as preference_logits,
+)
 
 __all__ = [
     "approx_kl",
     "best_of_n_kl",
+    "bradley_terry_loss",
     "clip_fraction",
     "clipped_surrogate_loss",
     "clipped_value_loss",
+    "dpo_implicit_rewards",
+    "dpo_loss",
     "entropy_bonus",
     "entropy_from_logits",
     "expected_best_of_n",
@@ -125,6 +149,10 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overoptimisation_coefficients",
+    "overoptimisation_curve",
+    "preference_accuracy",
+    "preference_logits",
     "reward_to_go",
     "rloo_advantages",
     "sequence_mean",

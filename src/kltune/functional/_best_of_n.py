@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kltune.functional._checks import check_count, check_floating, check_rank
+from kltune.functional._checks import check_count, check_floating, check_rank, check_same_shape
 
 
 def best_of_n_kl(n: int) -> float:
@@ -52,7 +52,9 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def expected_best_of_n(scores: Float[Tensor, "P M"], n: int) -> Float[Tensor, " P"]:
+def expected_best_of_n(
+    scores: Float[Tensor, "P M"], n: int, values: Float[Tensor, "P M"] | None = None
+) -> Float[Tensor, " P"]:
     r"""Expected reward of best-of-n, per prompt, from ``M >= n`` samples of each.
 
     With the scores of one prompt sorted ascending, :math:`s_{(1)} \le \dots \le
@@ -65,18 +67,25 @@ def expected_best_of_n(scores: Float[Tensor, "P M"], n: int) -> Float[Tensor, " 
     the exact average of the maximum over all n-subsets: an unbiased estimate of
     best-of-n's expected reward, with less variance than one draw of n.
 
+    With ``values``, the same weights average :math:`v_{(i)}`, the value of the
+    sample ranked :math:`i` by score: the expected *gold* reward of best-of-n
+    chosen by a *proxy* score, which is how reward over-optimisation is measured
+    (Gao et al. 2022). Samples with equal scores are ranked by their order.
+
     Args:
         scores: rewards of ``M`` completions sampled from the reference for each
             of ``P`` prompts.
         n: the best of how many (1 <= n <= M).
+        values: what to average instead of the scores (aligned with ``scores``);
+            ``None`` averages the scores themselves.
 
     Returns:
-        The expected best-of-n reward of each prompt (float64).
+        The expected best-of-n reward (or value) of each prompt (float64).
 
     Raises:
         TypeError: ``n`` is not an int.
-        ValueError: ``scores`` is not a finite floating [P, M] tensor with P >= 1,
-            or ``n`` is outside 1..M.
+        ValueError: ``scores`` (or ``values``) is not a finite floating [P, M]
+            tensor with P >= 1, or ``n`` is outside 1..M.
 
     Example:
         >>> scores = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
@@ -84,6 +93,9 @@ def expected_best_of_n(scores: Float[Tensor, "P M"], n: int) -> Float[Tensor, " 
         tensor([1.5000], dtype=torch.float64)
         >>> expected_best_of_n(scores, 2)  # (1 + 2 + 2 + 3 + 3 + 3) / 6
         tensor([2.3333], dtype=torch.float64)
+        >>> gold = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # the proxy's top two are bad
+        >>> expected_best_of_n(scores, 2, values=gold)  # P(the best of 2 is in the top two)
+        tensor([0.1667], dtype=torch.float64)
     """
     check_floating(scores=scores)
     check_rank(scores, 2, name="scores", axes="P M")
@@ -92,6 +104,11 @@ def expected_best_of_n(scores: Float[Tensor, "P M"], n: int) -> Float[Tensor, " 
         raise ValueError(f"scores is empty (shape {tuple(scores.shape)}); need [P >= 1, M >= 1]")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores holds NaN or infinite values")
+    if values is not None:
+        check_floating(values=values)
+        check_same_shape(scores=scores, values=values)
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("values holds NaN or infinite values")
     n = check_count(n, name="n")
     if n > m:
         raise ValueError(f"n = {n} is more than the M = {m} samples per prompt in scores")
@@ -105,5 +122,6 @@ def expected_best_of_n(scores: Float[Tensor, "P M"], n: int) -> Float[Tensor, " 
     )
     weight = torch.where(ranks >= n, log_weight.exp(), torch.zeros_like(ranks))
     weight = weight / weight.sum()  # exactly 1 in exact arithmetic; removes rounding
-    ordered = scores.double().sort(dim=-1).values
+    order = scores.double().sort(dim=-1, stable=True).indices
+    ordered = (scores if values is None else values).double().gather(-1, order)
     return ordered @ weight
