@@ -12,6 +12,7 @@ MODULES = [
     "kltune.functional",
     "kltune.diagnostics",
     "kltune.plots",
+    "kltune.preferences",
 ]
 
 

@@ -53,6 +53,7 @@ PUBLIC_MODULES = (
     "kltune.checkpoint",
     "kltune.diagnostics",
     "kltune.fluency",
+    "kltune.preferences",
     "kltune.plots",
 )
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from kltune import functional as functional
     from kltune import loop as loop
     from kltune import plots as plots
+    from kltune import preferences as preferences
     from kltune.baselines import (
         Baseline as Baseline,
     )
@@ -113,6 +114,21 @@ if TYPE_CHECKING:
     from kltune.policy import (
         Reference as Reference,
     )
+    from kltune.preferences import (
+        Preference as Preference,
+    )
+    from kltune.preferences import (
+        RewardModel as RewardModel,
+    )
+    from kltune.preferences import (
+        fit_dpo as fit_dpo,
+    )
+    from kltune.preferences import (
+        fit_reward_model as fit_reward_model,
+    )
+    from kltune.preferences import (
+        judge_pairs as judge_pairs,
+    )
     from kltune.rewards import (
         ClassifierReward as ClassifierReward,
     )
@@ -152,51 +168,64 @@ _EXPORTS = {
     "Baseline": "kltune.baselines",
     "Blocks": "kltune.loop",
     "ClassifierReward": "kltune.rewards",
+    "clipped": "kltune.rewards",
     "ConstraintKLController": "kltune.kl_control",
+    "controller_from_state": "kltune.kl_control",
     "EMABaseline": "kltune.baselines",
+    "fit_dpo": "kltune.preferences",
+    "fit_reward_model": "kltune.preferences",
     "FixedKLController": "kltune.kl_control",
     "FrozenReference": "kltune.policy",
     "GAEBaseline": "kltune.baselines",
     "GroupNormBaseline": "kltune.baselines",
     "GRPOBaseline": "kltune.baselines",
+    "judge_pairs": "kltune.preferences",
     "KLController": "kltune.kl_control",
     "KLPenalty": "kltune.kl_control",
     "KLPenaltyWarning": "kltune.kl_control",
     "LearnedBaseline": "kltune.baselines",
     "LeaveOneOutBaseline": "kltune.baselines",
     "LengthReward": "kltune.rewards",
+    "load_model": "kltune.loading",
     "LoopState": "kltune.loop",
     "MeanBaseline": "kltune.baselines",
-    "Updates": "kltune.loop",
+    "missing_eos_penalty": "kltune.rewards",
+    "movie_review_prompts": "kltune.loading",
     "Optimisation": "kltune.loop",
-    "PPOObjective": "kltune.objective",
     "Policy": "kltune.policy",
     "PolicyOutput": "kltune.policy",
+    "ppo_iteration": "kltune.loop",
+    "PPOObjective": "kltune.objective",
+    "Preference": "kltune.preferences",
     "PromptValueBaseline": "kltune.baselines",
     "Reference": "kltune.policy",
     "RepetitionPenalty": "kltune.rewards",
     "RewardFn": "kltune.rewards",
+    "RewardModel": "kltune.preferences",
     "Rollout": "kltune.rollout",
     "RolloutBuffer": "kltune.rollout",
     "RunningNormalizer": "kltune.rewards",
     "Sampling": "kltune.loop",
-    "VaderSentiment": "kltune.rewards",
-    "ValueFit": "kltune.loop",
-    "clipped": "kltune.rewards",
-    "controller_from_state": "kltune.kl_control",
-    "load_model": "kltune.loading",
-    "missing_eos_penalty": "kltune.rewards",
-    "movie_review_prompts": "kltune.loading",
-    "ppo_iteration": "kltune.loop",
     "score_completions": "kltune.rewards",
     "tiny_random_model": "kltune.loading",
     "train": "kltune.driver",
+    "Updates": "kltune.loop",
+    "VaderSentiment": "kltune.rewards",
+    "ValueFit": "kltune.loop",
     "weighted_sum": "kltune.rewards",
 }
 
 
 # Submodules reachable as attributes (``kltune.distributed.prepare``), imported on first use.
-_SUBMODULES = {"checkpoint", "diagnostics", "distributed", "functional", "loop", "plots"}
+_SUBMODULES = {
+    "checkpoint",
+    "diagnostics",
+    "distributed",
+    "functional",
+    "loop",
+    "plots",
+    "preferences",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -238,10 +267,12 @@ __all__ = [
     "PPOObjective",
     "Policy",
     "PolicyOutput",
+    "Preference",
     "PromptValueBaseline",
     "Reference",
     "RepetitionPenalty",
     "RewardFn",
+    "RewardModel",
     "Rollout",
     "RolloutBuffer",
     "RunningNormalizer",
@@ -251,6 +282,9 @@ __all__ = [
     "ValueFit",
     "clipped",
     "controller_from_state",
+    "fit_dpo",
+    "fit_reward_model",
+    "judge_pairs",
     "load_model",
     "missing_eos_penalty",
     "movie_review_prompts",

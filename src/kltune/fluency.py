@@ -20,8 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kltune.policy import Policy, Reference
-from kltune.rollout import Rollout
+from kltune.policy import Policy, Reference, teacher_forced
 
 __all__ = ["reference_perplexity"]
 
@@ -57,41 +56,17 @@ def reference_perplexity(
             f"reference_perplexity needs one prompt per completion, got {len(prompts)} "
             f"prompts and {len(completions)} completions (and at least one)"
         )
-    tokenized = [
-        (prompt, list(policy.tokenizer(completion, add_special_tokens=False).input_ids))
+    kept = [
+        (prompt, completion)
         for prompt, completion in zip(prompts, completions, strict=True)
+        if policy.tokenizer(completion, add_special_tokens=False).input_ids
     ]
-    pairs = [(prompt, ids) for prompt, ids in tokenized if ids]
     total, count = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        rollout = _teacher_forced(policy, pairs[start : start + batch_size])
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start : start + batch_size]
+        rollout = teacher_forced(policy, [p for p, _ in chunk], [c for _, c in chunk])
         with torch.no_grad():
             logprobs = reference.logprobs(rollout)
         total += float(logprobs[rollout.response_mask].double().sum())
         count += int(rollout.response_mask.sum())
     return math.exp(-total / count) if count else math.nan
-
-
-def _teacher_forced(policy: Policy, pairs: list[tuple[str, list[int]]]) -> Rollout:
-    """A Rollout whose responses are the given token ids (right padded) after the
-    encoded prompts, for scoring fixed texts."""
-    length = max(len(ids) for _, ids in pairs)
-    prompt_ids, prompt_mask = policy.encode_prompts([p for p, _ in pairs], length)
-    response = torch.full((len(pairs), length), policy.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), length), dtype=torch.bool)
-    for i, (_, ids) in enumerate(pairs):
-        response[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = True
-    device = policy.device
-    return Rollout(
-        prompt_ids=prompt_ids.to(device),
-        prompt_mask=prompt_mask.to(device),
-        response_ids=response.to(device),
-        response_mask=mask.to(device),
-        old_logprobs=torch.zeros(response.shape, device=device),
-        prompts=tuple(p for p, _ in pairs),
-        completions=tuple(str(policy.tokenizer.decode(ids)) for _, ids in pairs),
-        temperature=1.0,
-        prompt_index=torch.arange(len(pairs), device=device),
-        ended=torch.zeros(len(pairs), dtype=torch.bool, device=device),
-    )

@@ -665,6 +665,50 @@ def _draw(
     return token.clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
+def teacher_forced(policy: Policy, prompts: Sequence[str], completions: Sequence[str]) -> Rollout:
+    """A :class:`~kltune.rollout.Rollout` whose responses are given texts, for scoring them.
+
+    Each prompt is encoded as :meth:`Policy.encode_prompts` does (left padded);
+    each completion is tokenised on its own (no special tokens) and right padded.
+    The behaviour logprobs are zeros: score the rollout with
+    :meth:`Policy.score` or a :class:`Reference` to get logprobs. DPO and
+    :func:`kltune.fluency.reference_perplexity` use it.
+
+    Raises:
+        ValueError: the lists differ in length or are empty, a completion encodes
+            to no token, or a prompt and completion exceed the model's context.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(
+            f"got {len(prompts)} prompts and {len(completions)} completions; "
+            "pass one prompt per completion (and at least one)"
+        )
+    token_ids = [list(policy.tokenizer(c, add_special_tokens=False).input_ids) for c in completions]
+    for i, ids in enumerate(token_ids):
+        if not ids:
+            raise ValueError(f"completions[{i}] ({completions[i]!r}) encodes to no token")
+    length = max(len(ids) for ids in token_ids)
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts, length)
+    response = torch.full((len(token_ids), length), policy.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), length), dtype=torch.bool)
+    for i, ids in enumerate(token_ids):
+        response[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = True
+    device = policy.device
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response.to(device),
+        response_mask=mask.to(device),
+        old_logprobs=torch.zeros(response.shape, device=device),
+        prompts=tuple(prompts),
+        completions=tuple(completions),
+        temperature=1.0,
+        prompt_index=torch.arange(len(token_ids), device=device),
+        ended=torch.zeros(len(token_ids), dtype=torch.bool, device=device),
+    )
+
+
 @runtime_checkable
 class Reference(Protocol):
     """The frozen π_ref: logprobs of a rollout's response tokens, never trained."""
