@@ -69,6 +69,7 @@ def examples(session: nox.Session) -> None:
         "controllers",
         "kl_estimators",
         "own_reward",
+        "overoptimisation",
     ]:
         session.run("python", f"examples/{script}.py", "--smoke", "--out", f"runs/smoke/{script}")
 
