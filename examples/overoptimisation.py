@@ -25,7 +25,8 @@ Every stage is cached in --out and skipped when done, so a later session adds
 only what is missing.
 
     python examples/overoptimisation.py --out runs/overoptimisation --seeds 0 1 2
-    python examples/overoptimisation.py --arms "beta=0.05" --seeds 0 --out runs/overoptimisation
+    python examples/overoptimisation.py --arms "reward model" --out runs/overoptimisation
+    python examples/overoptimisation.py --arms "beta=0.05" DPO --seeds 0 --out runs/overoptimisation
     python examples/overoptimisation.py --report --out runs/overoptimisation
     python examples/overoptimisation.py --smoke --out runs/smoke/overoptimisation
 """
@@ -44,7 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import peft
 import torch
-from experiment import Arm, finished, load, parse_args, run_arm, selected
+from experiment import Arm, finished, load, parse_args, run_arm
 
 import kltune
 import kltune.functional as KF
@@ -228,8 +229,14 @@ ARMS = [ppo_arm(beta) for beta in (0.0, 0.05, 0.2)]
 PPO_ARGS = argparse.Namespace(**vars(args) | {"out": args.out / "ppo"})
 
 
+STAGES = ["reward model", "DPO"]  # --arms may also name these: "reward model" fits only
+if args.arms and set(args.arms) - set(STAGES) - {arm.name for arm in ARMS}:
+    raise SystemExit(f"unknown --arms; choose from {STAGES + [arm.name for arm in ARMS]}")
+
+
 def run_ppo(proxy: kltune.RewardFn) -> None:
-    for arm in selected(ARMS, args):
+    chosen = [arm for arm in ARMS if not args.arms or arm.name in args.arms]
+    for arm in chosen:
         done = {folder.name for folder in finished(arm, PPO_ARGS)}
         for seed in args.seeds:
             out = PPO_ARGS.out / arm.name / f"seed{seed}"
@@ -264,12 +271,10 @@ def ppo_trajectories() -> dict[str, list[dict[str, list[float]]]]:
 
 
 # --------------------------------------------------------------- 4c. DPO on the same pairs
-def run_dpo(train, held_out, rm: RewardModel, scale: float) -> list[dict]:
-    results = []
+def run_dpo(train, held_out, rm: RewardModel, scale: float) -> None:
     for seed in args.seeds:
         folder = args.out / "dpo" / f"seed{seed}"
         if (folder / "result.json").is_file():
-            results.append(json.loads((folder / "result.json").read_text()))
             continue
         (folder / "metrics.jsonl").unlink(missing_ok=True)
         model, tokenizer = load(args)
@@ -284,8 +289,6 @@ def run_dpo(train, held_out, rm: RewardModel, scale: float) -> list[dict]:
             "wall_seconds": time.time() - start,
         }
         write_json(folder / "result.json", result)
-        results.append(result)
-    return results
 
 
 def evaluate_policy(policy, reference, rm, scale, seed) -> dict[str, float]:
@@ -403,10 +406,10 @@ scale = float(rm([p for p, _ in reference_texts], [c for _, c in reference_texts
 proxy = kltune.weighted_sum((rm, 1.0 / scale))  # unit spread on π_ref's samples
 if not args.report:
     run_ppo(proxy)
-    dpo = run_dpo(train, held_out, rm, scale)
-else:
-    folders = sorted((args.out / "dpo").glob("seed*/result.json"))
-    dpo = [json.loads(f.read_text()) for f in folders]
+    if not args.arms or "DPO" in args.arms:
+        run_dpo(train, held_out, rm, scale)
+folders = sorted((args.out / "dpo").glob("seed*/result.json"))
+dpo = [json.loads(f.read_text()) for f in folders]
 table = accuracy_table(
     rm,
     {
