@@ -260,6 +260,23 @@ SPECS: dict[str, Spec] = {
     "explained_variance": Spec(
         KF.explained_variance, (("values", "float"), ("returns", "float"), ("mask", "mask"))
     ),
+    **{
+        name: Spec(getattr(KF, name), (("chosen_scores", "vector"), ("rejected_scores", "vector")))
+        for name in ("preference_logits", "bradley_terry_loss", "preference_accuracy")
+    },
+    "dpo_implicit_rewards": Spec(
+        lambda lp, ref: KF.dpo_implicit_rewards(lp, ref, beta=0.1),
+        (("logprobs", "vector"), ("ref_logprobs", "vector")),
+    ),
+    "dpo_loss": Spec(
+        lambda c, r, rc, rr: KF.dpo_loss(c, r, rc, rr, beta=0.1),
+        (
+            ("chosen_logprobs", "vector"),
+            ("rejected_logprobs", "vector"),
+            ("ref_chosen_logprobs", "vector"),
+            ("ref_rejected_logprobs", "vector"),
+        ),
+    ),
 }
 
 
@@ -269,6 +286,8 @@ def test_every_function_of_the_core_is_covered() -> None:
     # (tests/functional/test_best_of_n.py)
     group = {"rloo_advantages", "grpo_advantages", "within_group_var"}
     group |= {"expected_best_of_n", "best_of_n_kl"}
+    # fits over N >= 2 points of √KL >= 0 (tests/functional/test_preferences.py)
+    group |= {"overoptimisation_coefficients", "overoptimisation_curve"}
     # Being written alongside this module (functional/_head.py): it does not check its
     # tokens' dtype yet; join it to SPECS once it does.
     # logprobs_from_hidden takes [B, T, D] states and a [V, D] weight, kinds SPECS has
