@@ -61,6 +61,7 @@ def examples(session: nox.Session) -> None:
     """Every example in smoke mode (a tiny random model, seconds each)."""
     install(session, "test")
     for script in [
+        "ppo_from_blocks",
         "sentiment",
         "collapse",
         "frontier",

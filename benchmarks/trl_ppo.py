@@ -22,6 +22,7 @@ iterations alone, and for kltune the time per phase.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -189,7 +190,6 @@ def run_kltune(work: Work) -> dict[str, Any]:
         reward_fn=kltune.VaderSentiment(),
         objective=objective,
         optimizer=optimizer,
-        backward=clock.timed("backward + optimiser", lambda loss: loss.backward()),
     )
     policy.score = clock.timed("policy forward", policy.score)  # type: ignore[method-assign]
     for stage, name in [
@@ -203,11 +203,11 @@ def run_kltune(work: Work) -> dict[str, Any]:
         baseline=kltune.GAEBaseline(gamma=1.0, lam=0.95),
     )
     sampling = kltune.Sampling(max_new_tokens=work.new_tokens, temperature=1.0)
+    updates = kltune.Updates(epochs=1, minibatch_size=None, max_grad_norm=None)
     # One optimiser step per iteration, applied parameter by parameter inside
     # backward: the same update, without a model's worth of gradients alive.
-    updates = kltune.Updates(
-        epochs=1, minibatch_size=None, max_grad_norm=None, step_in_backward=True
-    )
+    blocks = kltune.accel.prepare(blocks, step_in_backward=True)
+    blocks = dataclasses.replace(blocks, backward=_TimedStepping(blocks.backward, clock))
     generator = torch.Generator().manual_seed(work.seed)
     reset_peak_rss()
     seconds, rewards, kls = [], [], []
@@ -336,6 +336,20 @@ def _time_trl_phases(module: Any, clock: PhaseClock, value_model: torch.nn.Modul
     module.get_reward = timed_reward
 
 
+class _TimedStepping:
+    """kltune's step-in-backward under the "backward + optimiser" timer."""
+
+    def __init__(self, stepping: Any, clock: PhaseClock) -> None:
+        self.stepping, self.clock = stepping, clock
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        with self.clock.phase("backward + optimiser"):
+            self.stepping(loss)
+
+    def grad_norm(self) -> torch.Tensor:
+        return self.stepping.grad_norm()
+
+
 class _Hidden:
     def __init__(self, scores: torch.Tensor) -> None:
         self.hidden_states = [scores]
@@ -409,8 +423,8 @@ def worker(library: str, work: Work, out: Path) -> None:
 # ── the driver: alternate processes, then a table ───────────────────────────
 
 
-#: glibc's environment for what :func:`kltune.loop.keep_freed_memory` sets from inside
-#: kltune's loop: the same allocator behaviour, given to TRL for a side measurement.
+#: glibc's environment for what :func:`kltune.accel.keep_freed_memory` sets from inside
+#: kltune's process: the same allocator behaviour, given to TRL for a side measurement.
 KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 

@@ -218,6 +218,7 @@ def run_arm(arm: Arm, args: argparse.Namespace, seed: int) -> tuple[Path, kltune
     model, tokenizer = load(args)
     torch.manual_seed(seed)  # the example (not the library) seeds the value-head init
     blocks, state = build_blocks(arm, model, tokenizer)
+    blocks = kltune.accel.prepare(blocks)  # CPU memory settings (process-wide)
     start = time.time()
     kltune.train(
         kltune.movie_review_prompts()[: arm.prompt_pool],

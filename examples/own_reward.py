@@ -58,7 +58,7 @@ else:
     shutil.rmtree(run, ignore_errors=True)  # an unfinished one starts over
     kltune.train(
         kltune.movie_review_prompts(),
-        blocks,
+        kltune.accel.prepare(blocks),
         state,
         iterations=iterations,
         out_dir=run,

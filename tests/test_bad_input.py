@@ -686,8 +686,8 @@ def test_the_loop_refuses_minibatch_and_accumulation_sizes_that_do_not_fit() -> 
     with pytest.raises(ValueError, match=r"grad_accumulation_steps=4 must divide minibatch_size=6"):
         Updates(minibatch_size=6, grad_accumulation_steps=4)
     for bad, message in [
-        ({"minibatch_size": 0}, "minibatch_size must be an int >= 1"),
-        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"minibatch_size": 0}, "minibatch_size must be >= 1, got 0"),
+        ({"epochs": 0}, "epochs must be >= 1, got 0"),
         ({"max_grad_norm": -1.0}, "flip the gradients"),
         ({"max_grad_norm": float("nan")}, "max_grad_norm"),
     ]:

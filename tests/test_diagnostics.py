@@ -341,7 +341,7 @@ def test_non_string_item_raises_type_error_naming_its_index(
         with pytest.raises(TypeError) as info:
             function(["one two", "three four", 7])  # type: ignore[list-item]
         messages.append(str(info.value))
-    assert any("index 2" in message and "int" in message for message in messages)
+    assert any("texts[2]" in message and "int" in message for message in messages)
 
 
 def test_bad_orders_raise_value_error() -> None:

@@ -219,7 +219,7 @@ def test_the_reward_model_drives_a_ppo_iteration() -> None:
         blocks,
         state,
         kltune.Sampling(max_new_tokens=4),
-        kltune.Updates(minibatch_size=2, keep_freed_memory=False),
+        kltune.Updates(minibatch_size=2),
         generator=torch.Generator(),
     )
     assert math.isfinite(float(metrics["reward/score_mean"]))

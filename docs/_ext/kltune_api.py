@@ -43,6 +43,7 @@ PUBLIC_MODULES = (
     "kltune.rollout",
     "kltune.policy",
     "kltune.loading",
+    "kltune.accel",
     "kltune.rewards",
     "kltune.kl_control",
     "kltune.kl_gradients",

@@ -8,10 +8,13 @@ The blocks are imported on first use, so that ``import kltune.functional`` (the
 pure maths) never loads ``transformers``.
 """
 
+import ast
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kltune import accel as accel
     from kltune import checkpoint as checkpoint
     from kltune import diagnostics as diagnostics
     from kltune import distributed as distributed
@@ -162,70 +165,24 @@ if TYPE_CHECKING:
     from kltune.rollout import Rollout as Rollout
     from kltune.rollout import RolloutBuffer as RolloutBuffer
 
-_EXPORTS = {
-    "AdapterOffReference": "kltune.policy",
-    "AdaptiveKLController": "kltune.kl_control",
-    "Baseline": "kltune.baselines",
-    "Blocks": "kltune.loop",
-    "ClassifierReward": "kltune.rewards",
-    "clipped": "kltune.rewards",
-    "ConstraintKLController": "kltune.kl_control",
-    "controller_from_state": "kltune.kl_control",
-    "EMABaseline": "kltune.baselines",
-    "fit_dpo": "kltune.preferences",
-    "fit_reward_model": "kltune.preferences",
-    "FixedKLController": "kltune.kl_control",
-    "FrozenReference": "kltune.policy",
-    "GAEBaseline": "kltune.baselines",
-    "GroupNormBaseline": "kltune.baselines",
-    "GRPOBaseline": "kltune.baselines",
-    "judge_pairs": "kltune.preferences",
-    "KLController": "kltune.kl_control",
-    "KLPenalty": "kltune.kl_control",
-    "KLPenaltyWarning": "kltune.kl_control",
-    "LearnedBaseline": "kltune.baselines",
-    "LeaveOneOutBaseline": "kltune.baselines",
-    "LengthReward": "kltune.rewards",
-    "load_model": "kltune.loading",
-    "LoopState": "kltune.loop",
-    "MeanBaseline": "kltune.baselines",
-    "missing_eos_penalty": "kltune.rewards",
-    "movie_review_prompts": "kltune.loading",
-    "Optimisation": "kltune.loop",
-    "Policy": "kltune.policy",
-    "PolicyOutput": "kltune.policy",
-    "ppo_iteration": "kltune.loop",
-    "PPOObjective": "kltune.objective",
-    "Preference": "kltune.preferences",
-    "PromptValueBaseline": "kltune.baselines",
-    "Reference": "kltune.policy",
-    "RepetitionPenalty": "kltune.rewards",
-    "RewardFn": "kltune.rewards",
-    "RewardModel": "kltune.preferences",
-    "Rollout": "kltune.rollout",
-    "RolloutBuffer": "kltune.rollout",
-    "RunningNormalizer": "kltune.rewards",
-    "Sampling": "kltune.loop",
-    "score_completions": "kltune.rewards",
-    "tiny_random_model": "kltune.loading",
-    "train": "kltune.driver",
-    "Updates": "kltune.loop",
-    "VaderSentiment": "kltune.rewards",
-    "ValueFit": "kltune.loop",
-    "weighted_sum": "kltune.rewards",
-}
+
+def _listed_exports() -> tuple[dict[str, str], set[str]]:
+    """The names and submodules imported under ``TYPE_CHECKING`` above, read from
+    this file: the one list of exports, which type checkers also read."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    block = next(node for node in tree.body if isinstance(node, ast.If))
+    names, submodules = {}, set()
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.module is not None
+        for alias in node.names:
+            if node.module == "kltune":
+                submodules.add(alias.name)
+            else:
+                names[alias.name] = node.module
+    return names, submodules
 
 
-# Submodules reachable as attributes (``kltune.distributed.prepare``), imported on first use.
-_SUBMODULES = {
-    "checkpoint",
-    "diagnostics",
-    "distributed",
-    "functional",
-    "loop",
-    "plots",
-    "preferences",
-}
+_EXPORTS, _SUBMODULES = _listed_exports()
 
 
 def __getattr__(name: str) -> Any:
@@ -242,55 +199,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterOffReference",
-    "AdaptiveKLController",
-    "Baseline",
-    "Blocks",
-    "ClassifierReward",
-    "ConstraintKLController",
-    "EMABaseline",
-    "FixedKLController",
-    "FrozenReference",
-    "GAEBaseline",
-    "GRPOBaseline",
-    "GroupNormBaseline",
-    "KLController",
-    "KLPenalty",
-    "KLPenaltyWarning",
-    "LearnedBaseline",
-    "LeaveOneOutBaseline",
-    "LengthReward",
-    "LoopState",
-    "MeanBaseline",
-    "Optimisation",
-    "PPOObjective",
-    "Policy",
-    "PolicyOutput",
-    "Preference",
-    "PromptValueBaseline",
-    "Reference",
-    "RepetitionPenalty",
-    "RewardFn",
-    "RewardModel",
-    "Rollout",
-    "RolloutBuffer",
-    "RunningNormalizer",
-    "Sampling",
-    "Updates",
-    "VaderSentiment",
-    "ValueFit",
-    "clipped",
-    "controller_from_state",
-    "fit_dpo",
-    "fit_reward_model",
-    "judge_pairs",
-    "load_model",
-    "missing_eos_penalty",
-    "movie_review_prompts",
-    "ppo_iteration",
-    "score_completions",
-    "tiny_random_model",
-    "train",
-    "weighted_sum",
-]
+__all__ = sorted(_EXPORTS)

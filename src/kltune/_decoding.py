@@ -41,11 +41,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from kltune._forwards import _weight_major_forward
+from kltune.accel import component, fast_paths
 
-#: Causal LMs whose decoder layers compute exactly what :class:`LlamaDecoding`
-#: computes (pre-norm RMSNorm, rotary attention with grouped K/V heads, SwiGLU MLP).
-_LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 _SILUS = frozenset({"SiLU", "SiLUActivation"})
 _ATTENTION_PARTS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
 _MLP_PARTS = frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"})
@@ -109,7 +106,7 @@ def _children(module: nn.Module) -> set[str]:
     return {name for name, _ in module.named_children()}
 
 
-def _layer_is_plain(layer: nn.Module) -> bool:
+def _layer_is_plain(layer: nn.Module, norm: type) -> bool:
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attention is None or mlp is None or _children(layer) != _LAYER_PARTS:
         return False
@@ -121,8 +118,8 @@ def _layer_is_plain(layer: nn.Module) -> bool:
         and _children(mlp) == _MLP_PARTS
         and all(_plain_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
         and type(mlp.act_fn).__name__ in _SILUS
-        and type(layer.input_layernorm).__name__ in _RMS_NORMS
-        and type(layer.post_attention_layernorm).__name__ in _RMS_NORMS
+        and type(layer.input_layernorm) is norm
+        and type(layer.post_attention_layernorm) is norm
     )
 
 
@@ -178,11 +175,16 @@ class LlamaDecoding:
 
     @staticmethod
     def supports(model: nn.Module, capacity: int) -> bool:
-        """True for a plain Llama/Mistral/Qwen2 causal LM on a CPU, with no hooks,
-        adapters or quantised layers, full attention over ``capacity`` tokens and
-        a plain output layer."""
+        """True for a causal LM with ``lean_decoding`` in
+        :data:`kltune.accel.ARCHITECTURES` (Llama, Mistral, Qwen2) on a CPU, with
+        no hooks, adapters or quantised layers, full attention over ``capacity``
+        tokens and a plain output layer."""
+        paths = fast_paths(model)
+        norm = component(paths, paths.norm)
         config: Any = getattr(model, "config", None)
-        if type(model).__name__ not in _LLAMA_FAMILY or config is None:
+        if hasattr(model, "get_base_model"):
+            return False  # a peft wrapper: the model's own forward runs the adapters
+        if not paths.lean_decoding or norm is None or config is None:
             return False
         decoder = getattr(model, "model", None)
         head = getattr(model, "lm_head", None)
@@ -203,8 +205,8 @@ class LlamaDecoding:
             and weight.is_floating_point()
             and isinstance(layers, nn.ModuleList)
             and len(layers) > 0
-            and all(_layer_is_plain(layer) for layer in layers)
-            and type(getattr(decoder, "norm", None)).__name__ in _RMS_NORMS
+            and all(_layer_is_plain(layer, norm) for layer in layers)
+            and type(getattr(decoder, "norm", None)) is norm
             and isinstance(getattr(decoder, "embed_tokens", None), nn.Embedding)
             and callable(getattr(decoder, "rotary_emb", None))
             and all(_no_hooks(m) for m in model.modules())

@@ -37,10 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-#: Modules computing ``weight * (x · rsqrt(mean(x²) + variance_epsilon))`` in float32.
-_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-#: Modules computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
-_GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+from kltune.accel import component, fast_paths
+
 _SILUS = frozenset({"SiLU", "SiLUActivation"})
 
 
@@ -97,13 +95,26 @@ def _gated_mlp_forward(self: Any, x: Tensor) -> Tensor:
     return out
 
 
-def _lean_forward(module: nn.Module) -> Callable[..., Tensor] | None:
-    name = type(module).__name__
-    if name in _RMS_NORMS:
-        return _rms_norm_forward
-    if name in _GATED_MLPS and type(getattr(module, "act_fn", None)).__name__ in _SILUS:
-        return _gated_mlp_forward
-    return None
+def _lean_forwards(model: nn.Module) -> Callable[[nn.Module], Callable[..., Tensor] | None]:
+    """Which modules of ``model`` get a lean forward: its architecture's RMSNorm
+    (``weight * (x · rsqrt(mean(x²) + variance_epsilon))`` in float32) and SwiGLU
+    MLP (``down_proj(silu(gate_proj(x)) * up_proj(x))``), from
+    :data:`kltune.accel.ARCHITECTURES`."""
+    paths = fast_paths(model)
+    norm, mlp = component(paths, paths.norm), component(paths, paths.mlp)
+
+    def choose(module: nn.Module) -> Callable[..., Tensor] | None:
+        if norm is not None and type(module) is norm:
+            return _rms_norm_forward
+        if (
+            mlp is not None
+            and type(module) is mlp
+            and type(getattr(module, "act_fn", None)).__name__ in _SILUS
+        ):
+            return _gated_mlp_forward
+        return None
+
+    return choose
 
 
 def _weight_major_forward(self: nn.Linear, x: Tensor) -> Tensor:
@@ -140,12 +151,13 @@ def _swapped(
 
 
 def lean_activations(model: nn.Module) -> AbstractContextManager[int]:
-    """Run ``model``'s RMSNorms and SwiGLU MLPs (Llama, Mistral, Qwen2, Qwen3)
+    """Run ``model``'s RMSNorms and SwiGLU MLPs (the ``norm`` and ``mlp`` of its
+    entry in :data:`kltune.accel.ARCHITECTURES`: Llama, Mistral, Qwen2, Qwen3)
     with the lean autograd functions above; other modules are untouched.
 
     Yields the number of modules swapped (0 for other architectures).
     """
-    return _swapped(model, _lean_forward)
+    return _swapped(model, _lean_forwards(model))
 
 
 def weight_major_linears(model: nn.Module) -> AbstractContextManager[int]:

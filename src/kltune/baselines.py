@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 import kltune.functional as KF
+from kltune._checks import check_discount
 from kltune.rollout import Rollout
 
 
@@ -70,12 +71,6 @@ def _minus(returns: Tensor, baseline: Tensor, rollout: Rollout) -> Tensor:
     """``returns − baseline`` per token, zero on padding."""
     centred = returns - einops.rearrange(baseline, "B -> B 1")
     return torch.where(rollout.response_mask, centred, torch.zeros_like(centred))
-
-
-def _check_discount(gamma: float, lam: float = 1.0) -> None:
-    for name, value in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
 def _group_size(rollout: Rollout) -> int:
@@ -122,7 +117,7 @@ class MeanBaseline:
     gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_discount(self.gamma)
+        check_discount(self.gamma)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -160,7 +155,7 @@ class EMABaseline:
             raise ValueError(f"decay must lie in [0, 1), got {self.decay}")
         if self.value is not None and not math.isfinite(self.value):
             raise ValueError(f"value must be finite or None, got {self.value}")
-        _check_discount(self.gamma)
+        check_discount(self.gamma)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -190,7 +185,7 @@ class LeaveOneOutBaseline:
     gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_discount(self.gamma)
+        check_discount(self.gamma)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         returns = _returns(rollout, self.gamma)
@@ -238,7 +233,7 @@ class GRPOBaseline:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _check_discount(self.gamma)
+        check_discount(self.gamma)
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
 
@@ -307,7 +302,7 @@ class PromptValueBaseline(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("dim", dim)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        _check_discount(gamma)
+        check_discount(gamma)
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim)
         self.head = nn.Linear(dim, 1)
@@ -365,7 +360,7 @@ class GAEBaseline:
     lam: float = 0.95
 
     def __post_init__(self) -> None:
-        _check_discount(self.gamma, self.lam)
+        check_discount(self.gamma, self.lam)
 
     def advantages(self, rollout: Rollout) -> tuple[Float[Tensor, "B T"], Float[Tensor, "B T"]]:
         if rollout.old_values is None:

@@ -41,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from kltune._checks import check_count
 from kltune._runfiles import file_sha256, io_error, sha256, write_bytes
 from kltune.kl_control import KLController, controller_from_state
 
@@ -114,8 +115,7 @@ def save_checkpoint(
             permission), naming the cause and the path; nothing is left behind.
         ValueError: ``keep`` < 1.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    check_count(keep, name="keep")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=folder))

@@ -32,6 +32,7 @@ from typing import Final, TypeVar, final
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from kltune._checks import check_texts
 from kltune.functional import masked_mean
 
 __all__ = [
@@ -54,22 +55,6 @@ def _words(text: str) -> list[str]:
 
 def _ngrams(words: Sequence[str], n: int) -> list[Ngram]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-
-
-def _check_texts(texts: Sequence[str]) -> None:
-    """Raise unless ``texts`` is a non-empty sequence of ``str``."""
-    if isinstance(texts, str):
-        raise TypeError(
-            "texts must be a sequence of completions, got a single str; wrap it in a list"
-        )
-    if len(texts) == 0:
-        raise ValueError("texts is an empty batch; diversity needs at least one completion")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(
-                f"texts must hold str completions, but the item at index {i} is "
-                f"{type(text).__name__} ({text!r:.40})"
-            )
 
 
 def _check_order(n: int, *, name: str) -> None:
@@ -111,7 +96,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
         Li et al., "A Diversity-Promoting Objective Function for Neural
         Conversation Models", 2016, https://arxiv.org/abs/1510.03055.
     """
-    _check_texts(texts)
+    check_texts(texts, name="texts")
     _check_order(n, name="n")
     grams = [gram for text in texts for gram in _ngrams(_words(text), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
@@ -141,7 +126,7 @@ def unique_fraction(texts: Sequence[str]) -> float:
         >>> unique_fraction(["good", " good ", "Good", "bad"])
         0.75
     """
-    _check_texts(texts)
+    check_texts(texts, name="texts")
     return len({text.strip() for text in texts}) / len(texts)
 
 
@@ -177,7 +162,7 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
         Welleck et al., "Neural Text Generation with Unlikelihood Training",
         2020, https://arxiv.org/abs/1908.04319.
     """
-    _check_texts(texts)
+    check_texts(texts, name="texts")
     _check_order(n, name="n")
     rates = []
     for text in texts:
@@ -256,7 +241,7 @@ def self_bleu(texts: Sequence[str], max_n: int = 4) -> float:
         "Texygen: A Benchmarking Platform for Text Generation Models", 2018,
         https://arxiv.org/abs/1802.01886.
     """
-    _check_texts(texts)
+    check_texts(texts, name="texts")
     _check_order(max_n, name="max_n")
     if len(texts) < 2:
         raise ValueError(
@@ -323,7 +308,7 @@ def diversity_metrics(texts: Sequence[str]) -> dict[str, float]:
          'diversity/distinct_3': 0.667, 'diversity/unique_fraction': 0.667,
          'diversity/self_bleu': 0.859, 'diversity/repetition_rate': 0.0}
     """
-    _check_texts(texts)
+    check_texts(texts, name="texts")
     return {
         "diversity/distinct_1": distinct_n(texts, 1),
         "diversity/distinct_2": distinct_n(texts, 2),

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kltune import _runconfig as runconfig
+from kltune._checks import check_count
 from kltune._runfiles import RunFolderLockedError, RunLock, append_line, io_error, strict_json
 from kltune.checkpoint import (
     checkpoints,
@@ -563,8 +564,7 @@ def _iterate(
 def _check_counts(**counts: tuple[int, int]) -> None:
     """Each ``name=(value, least)``: an int no smaller than ``least``, before anything is written."""
     for name, (value, least) in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        check_count(value, name=name, minimum=least)
 
 
 def _due(iteration: int, every: int) -> bool:

@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 import kltune.functional as KF
+from kltune._checks import check_count, check_nonnegative, check_positive
 from kltune.rollout import NextTokenHead
 
 __all__ = [
@@ -70,24 +71,13 @@ class KLController(Protocol):
         ...
 
 
-def _check_nonnegative(value: float, *, name: str) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def _check_positive(value: float, *, name: str) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
 def _check_observation(observed_kl: float, n_samples: int) -> None:
     if not math.isfinite(observed_kl):
         raise ValueError(
             f"observed_kl must be finite, got {observed_kl}; a NaN or infinite KL usually "
             "means the policy put ~0 probability on a sampled token"
         )
-    if isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples}")
+    check_count(n_samples, name="n_samples")
 
 
 def _state(controller: object, kind: str) -> dict[str, float | str]:
@@ -117,7 +107,7 @@ class FixedKLController:
     beta: float
 
     def __post_init__(self) -> None:
-        _check_nonnegative(self.beta, name="beta")
+        check_nonnegative(self.beta, name="beta")
 
     def update(self, observed_kl: float, n_samples: int) -> "FixedKLController":
         """Return an equal controller (a new object); the inputs are only validated."""
@@ -180,8 +170,8 @@ class AdaptiveKLController:
     horizon: int = 32
 
     def __post_init__(self) -> None:
-        _check_positive(self.beta, name="beta")
-        _check_positive(self.target, name="target")
+        check_positive(self.beta, name="beta")
+        check_positive(self.target, name="target")
         if isinstance(self.horizon, bool) or self.horizon <= 0:
             raise ValueError(f"horizon must be an int > 0, got {self.horizon}")
 
@@ -275,9 +265,9 @@ class ConstraintKLController:
     beta_max: float = math.inf
 
     def __post_init__(self) -> None:
-        _check_nonnegative(self.beta, name="beta")
-        _check_positive(self.target, name="target")
-        _check_positive(self.step_size, name="step_size")
+        check_nonnegative(self.beta, name="beta")
+        check_positive(self.target, name="target")
+        check_positive(self.step_size, name="step_size")
         if math.isnan(self.beta_max) or self.beta_max <= 0:
             raise ValueError(f"beta_max must be > 0 (inf for no bound), got {self.beta_max}")
         if self.beta > self.beta_max:

@@ -5,22 +5,19 @@ and change one stage to try an idea: every stage takes blocks and a Rollout and
 returns a new Rollout (or metrics), nothing hidden in between.
 """
 
-import ctypes
 import dataclasses
 import math
-import platform
 import statistics
-import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, final, runtime_checkable
 
 import torch
 from torch import Tensor
 
 import kltune.functional as KF
+from kltune._checks import check_count
 from kltune.baselines import Baseline, LearnedBaseline, _group_size
 from kltune.kl_control import KLController, KLPenalty
 from kltune.objective import PPOObjective, Scorer
@@ -113,19 +110,6 @@ class Updates:
         whiten_advantages: standardise advantages over the whole batch.
         max_consecutive_skips: stop after this many steps in a row are skipped
             for a non-finite loss or gradient.
-        step_in_backward: apply the optimiser to each parameter as soon as its
-            gradient is complete during backward, and free that gradient at
-            once: the peak memory no longer holds a full set of gradients (a
-            model's worth, 0.5 GB for a 135M model in float32). The update is
-            the same as a step after backward. Needs ``grad_accumulation_steps
-            = 1``, ``max_grad_norm = None`` (a global norm needs every gradient
-            first) and one process. A non-finite loss still skips the whole
-            step; a non-finite gradient skips that parameter's update, but
-            parameters whose gradients came earlier in backward are already
-            updated, and the step counts as skipped.
-        keep_freed_memory: when the policy is on a CPU, have the C allocator keep the
-            memory one iteration frees for the next (:func:`keep_freed_memory`)
-            instead of returning it to the system and faulting it in again.
     """
 
     epochs: int = 1
@@ -134,20 +118,13 @@ class Updates:
     max_grad_norm: float | None = 1.0
     whiten_advantages: bool = True
     max_consecutive_skips: int = 3
-    step_in_backward: bool = False
-    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accumulation_steps", "max_consecutive_skips"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_count(getattr(self, name), name=name)
         size = self.minibatch_size
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(
-                    f"minibatch_size must be an int >= 1 or None (the whole batch), got {size!r}"
-                )
+            check_count(size, name="minibatch_size")
             if size % self.grad_accumulation_steps:
                 raise ValueError(
                     f"grad_accumulation_steps={self.grad_accumulation_steps} must divide "
@@ -158,14 +135,6 @@ class Updates:
             raise ValueError(
                 f"max_grad_norm must be a finite number > 0 or None, got {norm} "
                 "(a negative norm would flip the gradients)"
-            )
-        if self.step_in_backward and (
-            self.grad_accumulation_steps != 1 or self.max_grad_norm is not None
-        ):
-            raise ValueError(
-                "step_in_backward needs grad_accumulation_steps=1 and max_grad_norm=None "
-                f"(got {self.grad_accumulation_steps} and {self.max_grad_norm}): each "
-                "parameter is updated as soon as its own gradient is complete"
             )
 
 
@@ -195,6 +164,15 @@ class AllReduce(Protocol):
     """Sum a tensor over the processes of a data-parallel run (the identity in one process)."""
 
     def __call__(self, tensor: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class SteppingBackward(Backward, Protocol):
+    """A backward that applies the optimiser itself, parameter by parameter, as
+    gradients complete (:class:`kltune.accel.StepInBackward`): the loop then reads
+    the gradient norm from it instead of from the (freed) gradients."""
+
+    def grad_norm(self) -> Tensor: ...
 
 
 def _one_process(tensor: Tensor) -> Tensor:
@@ -243,90 +221,9 @@ class LoopState:
     iteration: int = 0
     consecutive_skips: int = 0
     total_skips: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ── stages ──────────────────────────────────────────────────────────────────
-
-
-def allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
-    """Create Adam's or AdamW's moment buffers now, before any activation exists.
-
-    torch creates them at the first step, in the middle of the first backward,
-    where they land between activations that are about to be freed. The memory
-    allocator keeps those holes, and every later iteration's activations come
-    on top: on SmolLM2-135M the peak RSS of each iteration was 400 MB higher
-    (4074 MB against 3673 MB). Created up front, the buffers sit below the
-    activations, whose memory then goes back to the system after each backward.
-
-    The state is what torch would create (zeros and step 0), so the updates are
-    unchanged. Other optimisers, and an optimiser that already has state (a
-    resumed run), are left alone.
-
-    Returns:
-        True if state was created.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: the real one
-    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or inner.state:
-        return False
-    from torch.optim.optimizer import _get_scalar_dtype
-
-    for group in inner.param_groups:
-        for param in group["params"]:
-            if not param.requires_grad:
-                continue  # never gets a gradient, so torch never gives it state
-            on_device = group["capturable"] or group["fused"]
-            state = inner.state[param]
-            state["step"] = torch.zeros(
-                (),
-                dtype=_get_scalar_dtype(is_fused=group["fused"]),
-                device=param.device if on_device else torch.device("cpu"),
-            )
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(
-                    param, memory_format=torch.preserve_format
-                )
-    return True
-
-
-#: glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse: a process-wide setting.
-
-    By default glibc hands every large block (over 128 kB to 32 MB, adapting)
-    back to the system as soon as it is freed, and the top of its heap once
-    enough of it is free. A PPO iteration frees most of what it allocated
-    (activations, gradients, logits chunks) and allocates it again in the next
-    iteration, and every page the system hands back is zeroed and mapped again
-    on first touch: on SmolLM2-135M at 16 × 32 that is about 230 000 page
-    faults an iteration, 0.5–1.5 s on a 2-core VM, more when the machine is
-    busy. After this call every allocation is served from malloc's heap
-    (``M_MMAP_MAX = 0``) and the heap is not trimmed below 2 GB of free top
-    (``M_TRIM_THRESHOLD``), so each iteration reuses the pages of the one
-    before: the process does not shrink between iterations, and its peak is
-    what it was. PyTorch's caching allocator does the same on a GPU.
-
-    :func:`ppo_iteration` calls it for a policy on a CPU unless
-    ``Updates(keep_freed_memory=False)``. It affects the whole process and
-    stays in effect.
-
-    Returns:
-        True if glibc accepted both settings; False elsewhere (another C library,
-        another operating system), where nothing is changed.
-    """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def collect_rollout(
@@ -416,71 +313,30 @@ def optimise(
     if blocks.objective.kl.in_reward and blocks.objective.kl.in_loss:
         beta = beta * buffer.advantage_scale
     size = len(buffer) if updates.minibatch_size is None else updates.minibatch_size
+    stepping = isinstance(blocks.backward, SteppingBackward)
+    if stepping and (updates.grad_accumulation_steps != 1 or updates.max_grad_norm is not None):
+        raise ValueError(
+            "a backward that steps the optimiser itself needs grad_accumulation_steps=1 and "
+            f"max_grad_norm=None (got {updates.grad_accumulation_steps} and "
+            f"{updates.max_grad_norm}): each parameter is updated as soon as its gradient is complete"
+        )
     history = []
     for minibatch in buffer.minibatches(size, updates.epochs, generator):
         blocks.optimizer.zero_grad(set_to_none=True)
-        if updates.step_in_backward:
-            with _stepping_in_backward(blocks.policy, blocks.optimizer) as tally:
-                metrics = _accumulate_gradients(blocks, minibatch, beta, updates)
-            grad_norm = tally.norm()
-            stepped = tally.finite
+        metrics = _accumulate_gradients(blocks, minibatch, beta, updates)
+        if isinstance(blocks.backward, SteppingBackward):  # applied inside backward
+            grad_norm = blocks.backward.grad_norm()
         else:
-            metrics = _accumulate_gradients(blocks, minibatch, beta, updates)
             grad_norm = _clipped_grad_norm(blocks.policy, updates.max_grad_norm)
-            stepped = bool(torch.isfinite(grad_norm))
         metrics["policy/grad_norm"] = grad_norm
-        if stepped and torch.isfinite(metrics["loss/total"]):
-            if not updates.step_in_backward:
-                blocks.optimizer.step()
+        if bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(metrics["loss/total"])):
+            blocks.optimizer.step()  # (after a stepping backward no gradient is left)
             state = _replace(state, consecutive_skips=0)
         else:
             state = _skip(state, updates)
         blocks.optimizer.zero_grad(set_to_none=True)
         history.append(metrics)
     return state, history
-
-
-class _Tally:
-    """Squared gradient norm and finiteness, gathered parameter by parameter."""
-
-    def __init__(self) -> None:
-        self.squares: list[Tensor] = []
-        self.finite = True
-
-    def norm(self) -> Tensor:
-        if not self.squares:
-            return torch.tensor(float("nan"))
-        return torch.stack(self.squares).sum().sqrt().cpu()
-
-
-@contextmanager
-def _stepping_in_backward(policy: Policy, optimizer: torch.optim.Optimizer) -> Iterator[_Tally]:
-    """Step each parameter when its gradient is complete, then drop the gradient.
-
-    ``optimizer.step()`` only updates parameters that have a gradient, and at a
-    hook's call only that hook's parameter has one (every other gradient is
-    either not computed yet or already dropped).
-    """
-    tally = _Tally()
-
-    def step(param: Tensor) -> None:
-        assert param.grad is not None
-        square = param.grad.detach().float().pow(2).sum()
-        tally.squares.append(square)
-        if bool(torch.isfinite(square)):
-            optimizer.step()
-        else:
-            tally.finite = False
-        param.grad = None
-
-    handles = [
-        p.register_post_accumulate_grad_hook(step) for p in policy.parameters() if p.requires_grad
-    ]
-    try:
-        yield tally
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def fit_value_baseline(value_fit: ValueFit, rollout: Rollout) -> Metrics:
@@ -525,11 +381,6 @@ def ppo_iteration(
     generator: torch.Generator,
 ) -> tuple[LoopState, Rollout, Metrics]:
     """One PPO iteration: sample, score, shape with KL, advantages, optimise, update β."""
-    if updates.keep_freed_memory and blocks.policy.device.type == "cpu":
-        keep_freed_memory()
-    allocate_optimizer_state(blocks.optimizer)
-    if blocks.value_fit is not None:
-        allocate_optimizer_state(blocks.value_fit.optimizer)
     beta = state.controller.beta
     rollout = collect_rollout(blocks.policy, prompts, sampling, generator)
     rollout = score_reference(blocks.reference, rollout, blocks.objective.kl)
@@ -676,12 +527,10 @@ def _accumulate_gradients(
     for start in range(0, len(minibatch), rows):
         part = minibatch.select(slice(start, start + rows))
         loss, metrics = blocks.objective(blocks.scorer or blocks.policy, part, beta)
-        # A non-finite loss is still backpropagated (except when stepping inside
-        # backward): its NaN gradients make the step be skipped, on every process
-        # alike once gradients are synchronised, and no process waits forever
-        # for another's backward.
-        if not updates.step_in_backward or bool(torch.isfinite(loss)):
-            blocks.backward(loss / steps)
+        # A non-finite loss is still backpropagated: its NaN gradients make the
+        # step be skipped, on every process alike once gradients are synchronised,
+        # and no process waits forever for another's backward.
+        blocks.backward(loss / steps)
         for key, value in metrics.items():
             sums[key] = sums.get(key, torch.zeros(())) + value.float().cpu() / steps
     return sums

@@ -12,7 +12,6 @@ same positions as the same text alone, in sampling and in scoring alike.
 
 import copy
 import math
-import numbers
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kltune.functional as KF
+from kltune._checks import check_count, check_texts
 from kltune._decoding import Decoding, LlamaDecoding, decoding_for
 from kltune._forwards import lean_activations, weight_major_linears
+from kltune.accel import fast_paths
 from kltune.functional._head import logprobs_only_from_hidden
 from kltune.rollout import NextTokenHead, Rollout
 
@@ -55,10 +56,16 @@ def position_ids_from_mask(mask: Bool[Tensor, "B L"]) -> Int[Tensor, "B L"]:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _check_ids(model: nn.Module, ids: Tensor) -> None:
-    """Token ids inside the model's embedding (checked on the CPU only: no host sync)."""
+def _embedding_rows(model: nn.Module) -> int | None:
+    """The number of rows of the model's input embedding (None if it has no such table)."""
     get = getattr(model, "get_input_embeddings", None)
     rows = getattr(get(), "num_embeddings", None) if callable(get) else None
+    return rows if isinstance(rows, int) else None
+
+
+def _check_ids(model: nn.Module, ids: Tensor) -> None:
+    """Token ids inside the model's embedding (checked on the CPU only: no host sync)."""
+    rows = _embedding_rows(model)
     if ids.device.type != "cpu" or not isinstance(rows, int) or ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
@@ -89,27 +96,14 @@ def _response_forward(
     )
 
 
-# Causal LMs whose logits are exactly ``get_output_embeddings()(last hidden state)``:
-# no logit scaling or soft-capping, so the output layer can be fused into the logprobs.
-_PLAIN_HEAD_MODELS = frozenset(
-    {
-        "GPT2LMHeadModel",
-        "GPTNeoXForCausalLM",
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-    }
-)
-
-
 def _plain_output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """The decoder (to the last, normalised hidden state) and the output layer of
-    a causal LM in :data:`_PLAIN_HEAD_MODELS` (under peft too), or None."""
+    a causal LM whose logits are exactly ``output_layer(hidden)`` (``fused_head`` in
+    :data:`kltune.accel.ARCHITECTURES`; under peft too), or None."""
+    if not fast_paths(model).fused_head:
+        return None
     get_base = getattr(model, "get_base_model", None)  # a peft model: the LM inside
     lm = get_base() if callable(get_base) else model
-    if type(lm).__name__ not in _PLAIN_HEAD_MODELS:
-        return None
     head = lm.get_output_embeddings()  # type: ignore[operator]
     decoder = getattr(lm, "base_model", None)
     if type(head) is not nn.Linear or not isinstance(decoder, nn.Module) or decoder is lm:
@@ -131,28 +125,6 @@ def _response_hidden(decoder: nn.Module, rollout: Rollout) -> Tensor:
     )
     hidden: Tensor = out.last_hidden_state[:, -length:]
     return hidden
-
-
-def _check_prompts(prompts: Sequence[str]) -> None:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings, got a single str")
-    if not isinstance(prompts, Sequence):
-        raise TypeError(
-            "prompts must be a sequence of strings (a list or tuple), "
-            f"got a {type(prompts).__name__}"
-        )
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: pass at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can encode it
-            raise ValueError(
-                f"prompts[{i}] is not valid Unicode: {error.reason} at position "
-                f"{error.start}; fix the text (e.g. decode its bytes with errors='replace')"
-            ) from None
 
 
 @dataclass(frozen=True)
@@ -179,17 +151,9 @@ def check_sampling(
         ValueError: ``max_new_tokens`` < 1, a temperature that is not a finite
             number > 0, ``top_k`` < 1, ``top_p`` outside (0, 1], G < 1.
     """
-    for name, count in (
-        ("max_new_tokens", max_new_tokens),
-        ("top_k", 1 if top_k is None else top_k),
-        ("completions_per_prompt", completions_per_prompt),
-    ):
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(count).__name__} {count!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if completions_per_prompt < 1:
-        raise ValueError(f"completions_per_prompt must be >= 1, got {completions_per_prompt}")
+    check_count(max_new_tokens, name="max_new_tokens")
+    check_count(1 if top_k is None else top_k, name="top_k", minimum=None)  # None allowed
+    check_count(completions_per_prompt, name="completions_per_prompt")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not math.isfinite(temperature):
@@ -312,11 +276,8 @@ class Policy(nn.Module):
                 naming the prompt; ``max_new_tokens`` < 0.
             TypeError: prompts not a sequence of str, or ``max_new_tokens`` not an int.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        _check_prompts(prompts)
+        check_count(max_new_tokens, name="max_new_tokens", minimum=0)
+        check_texts(prompts, name="prompts", encodable=True)
         start = self.tokenizer.bos_token_id
         start = self.tokenizer.eos_token_id if start is None else start
         start = self.pad_token_id if start is None else int(start)
@@ -334,9 +295,8 @@ class Policy(nn.Module):
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = True
-        embeddings: Any = self.model.get_input_embeddings()
-        rows_in_model = getattr(embeddings, "num_embeddings", None)
-        if isinstance(rows_in_model, int) and int(ids.max()) >= rows_in_model:  # CPU: no sync
+        rows_in_model = _embedding_rows(self.model)
+        if rows_in_model is not None and int(ids.max()) >= rows_in_model:  # CPU: no sync
             i = int((ids >= rows_in_model).any(dim=1).nonzero()[0, 0])
             raise ValueError(
                 f"prompts[{i}] encodes to token id {int(ids[i].max())}, outside the model's "

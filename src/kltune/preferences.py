@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 import kltune.functional as KF
+from kltune._checks import check_count
 from kltune._runfiles import io_error, strict_json, write_bytes
 from kltune.policy import Policy, Reference, teacher_forced
 from kltune.rewards import RewardFn, _check_utf8, _preview, score_completions
@@ -418,9 +419,8 @@ def evaluate_reward_model(model: RewardModel, pairs: Sequence[Preference]) -> di
 def _check_fit_settings(pairs: Sequence[Preference], epochs: int, batch_size: int) -> None:
     if not pairs:
         raise ValueError("no preference pairs to fit")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_count(epochs, name="epochs")
+    check_count(batch_size, name="batch_size")
 
 
 def _open_metrics(out_dir: str | Path | None) -> Path | None:

@@ -49,6 +49,8 @@ from transformers import (
 )
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from kltune._checks import check_texts
+
 __all__ = [
     "ClassifierReward",
     "LengthReward",
@@ -95,19 +97,8 @@ def _preview(text: str) -> str:
 def _check_texts(
     prompts: Sequence[str], completions: Sequence[str], *, allow_empty: bool = False
 ) -> None:
-    for name, texts in (("prompts", prompts), ("completions", completions)):
-        if isinstance(texts, (str, bytes)):
-            raise TypeError(
-                f"{name} must be a sequence of strings, got a single {type(texts).__name__}"
-            )
-        if not isinstance(texts, Sequence):
-            raise TypeError(
-                f"{name} must be a sequence of strings (a list or tuple), "
-                f"got a {type(texts).__name__}"
-            )
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}")
+    check_texts(prompts, name="prompts", allow_empty=True)
+    check_texts(completions, name="completions", allow_empty=True)
     if len(prompts) != len(completions):
         raise ValueError(
             f"got {len(prompts)} prompts but {len(completions)} completions; "

@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 import kltune.functional as KF
+from kltune._checks import check_count
 
 _TOKEN_FIELDS = ("old_logprobs", "ref_logprobs", "old_values", "rewards", "advantages", "returns")
 _SEQUENCE_FIELDS = ("scores", "prompt_index", "ended")
@@ -375,9 +376,8 @@ class RolloutBuffer:
             TypeError: ``minibatch_size`` or ``epochs`` is not an int.
         """
         # Checked here, not inside the generator, so that a bad size fails at the call.
-        for name, value in (("minibatch_size", minibatch_size), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        check_count(minibatch_size, name="minibatch_size", minimum=None)  # range below
+        check_count(epochs, name="epochs")
         size = len(self)
         if minibatch_size < 1 or minibatch_size > size:
             raise ValueError(
@@ -388,8 +388,6 @@ class RolloutBuffer:
             raise ValueError(
                 f"minibatch_size {minibatch_size} does not divide the buffer size {size}"
             )
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
         return self._minibatches(minibatch_size, epochs, generator)
 
     def _minibatches(

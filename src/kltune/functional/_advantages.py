@@ -12,7 +12,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kltune.functional._checks import (
+from kltune._checks import (
+    check_discount,
     check_finite,
     check_floating,
     check_group_size,
@@ -31,13 +32,6 @@ def _check_tokens(mask: Tensor, **tensors: Tensor) -> None:
         check_rank(tensor, 2, name=name, axes="B T")
         check_floating(**{name: tensor})
         check_mask(mask, tensor, like_name=name)
-
-
-def _check_discount(gamma: float, lam: float = 1.0) -> None:
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam}")
 
 
 def reward_to_go(
@@ -68,7 +62,7 @@ def reward_to_go(
                 [2.0000, 2.0000, 0.0000]])
     """
     _check_tokens(mask, rewards=rewards)
-    _check_discount(gamma)
+    check_discount(gamma)
     rewards = _zero_padding(rewards, mask)
     if rewards.shape[1] == 0:
         return rewards
@@ -131,7 +125,7 @@ def gae(
                 [1., 1., 0.]])
     """
     _check_tokens(mask, rewards=rewards, values=values)
-    _check_discount(gamma, lam)
+    check_discount(gamma, lam)
     rewards = _zero_padding(rewards, mask)
     values = _zero_padding(values, mask)
     if rewards.shape[1] == 0:

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kltune.functional._checks import check_count, check_floating, check_rank, check_same_shape
+from kltune._checks import check_count, check_floating, check_rank, check_same_shape
 
 
 def best_of_n_kl(n: int) -> float:

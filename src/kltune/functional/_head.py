@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kltune.functional._checks import (
+from kltune._checks import (
     check_count,
     check_floating,
     check_integer_dtype,

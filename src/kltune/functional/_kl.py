@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kltune.functional._checks import (
+from kltune._checks import (
     check_finite,
     check_floating,
     check_mask,

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kltune.functional._checks import (
+from kltune._checks import (
     check_count,
     check_floating,
     check_integer_dtype,

@@ -4,7 +4,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kltune.functional._checks import (
+from kltune._checks import (
     check_floating,
     check_mask,
     check_nonempty_batch,

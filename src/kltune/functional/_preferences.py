@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from kltune.functional._checks import (
+from kltune._checks import (
     check_floating,
     check_nonempty_batch,
     check_positive,

@@ -1,13 +1,15 @@
-"""Cheap input checks shared by the functional core.
+"""The input checks of the whole package, in one place: tensors, numbers, texts.
 
-They raise ``ValueError`` naming the argument and the expected versus actual
-shape or dtype, so a user sees the problem at the call instead of deep inside
-torch. jaxtyping checks the same annotations during the tests; these checks run
-for users too.
+They raise ``ValueError`` (or ``TypeError`` for a wrong type) naming the argument
+and the expected versus actual shape, dtype or value, so a user sees the problem
+at the call instead of deep inside torch. jaxtyping checks the same annotations
+during the tests; these checks run for users too. Importing this module does not
+load ``transformers``: the functional core uses it.
 """
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -76,17 +78,36 @@ def check_positive(value: float, *, name: str) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def check_nonnegative(value: float, *, name: str) -> None:
+    """Raise unless ``value`` is a finite number >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_unit_interval(value: float, *, name: str) -> None:
+    """Raise unless ``value`` lies in [0, 1] (a discount γ or a GAE λ); NaN does not."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_discount(gamma: float, lam: float = 1.0) -> None:
+    """Raise unless the discount γ and the GAE λ lie in [0, 1]."""
+    check_unit_interval(gamma, name="gamma")
+    check_unit_interval(lam, name="lam")
+
+
 def check_finite(value: float, *, name: str) -> None:
     """Raise unless ``value`` is finite (not NaN, not ±inf)."""
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def check_count(value: object, *, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as an int; raise unless it is an integer (not a bool) >= ``minimum``."""
+def check_count(value: object, *, name: str, minimum: int | None = 1) -> int:
+    """Return ``value`` as an int; raise unless it is an integer (not a bool) >= ``minimum``
+    (any integer when ``minimum`` is None)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
@@ -102,10 +123,7 @@ def check_dim(tensor: Tensor, dim: int | None, *, name: str = "x") -> None:
 
 def check_group_size(batch: int, group_size: int) -> None:
     """Raise unless a batch of ``batch`` rows splits into groups of ``group_size`` >= 2."""
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(
-            f"group_size must be an int, got {type(group_size).__name__} {group_size!r}"
-        )
+    check_count(group_size, name="group_size", minimum=None)  # >= 2 below, with the reason
     if group_size < 2:
         raise ValueError(
             f"group_size must be >= 2 (several completions per prompt), got {group_size}; "
@@ -113,3 +131,40 @@ def check_group_size(batch: int, group_size: int) -> None:
         )
     if batch % group_size != 0:
         raise ValueError(f"batch of {batch} completions does not split into groups of {group_size}")
+
+
+def check_texts(
+    texts: object, *, name: str, allow_empty: bool = False, encodable: bool = False
+) -> None:
+    """Raise unless ``texts`` is a sequence (not one string) of ``str``.
+
+    Args:
+        texts: what was passed.
+        name: the argument's name, for the message.
+        allow_empty: accept an empty sequence.
+        encodable: also refuse a str a tokenizer cannot encode (a lone surrogate,
+            e.g. from a bad decode), naming its index.
+    """
+    if isinstance(texts, str | bytes):
+        raise TypeError(
+            f"{name} must be a sequence of strings, got a single {type(texts).__name__}; "
+            "wrap it in a list"
+        )
+    if not isinstance(texts, Sequence):
+        raise TypeError(
+            f"{name} must be a sequence of strings (a list or tuple), got a {type(texts).__name__}"
+        )
+    if len(texts) == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty: pass at least one")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}")
+        if encodable:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"{name}[{i}] is not valid Unicode: {error.reason} at position "
+                    f"{error.start}; a tokenizer cannot encode it (decode its bytes with "
+                    "errors='replace')"
+                ) from None
