@@ -138,7 +138,8 @@ for name, files in metrics.items():
 lines = [
     "# Baselines compared",
     "",
-    f"{args.iterations} iterations, seeds {args.seeds}; 8 prompts, 4 per iteration × 4 "
+    f"{args.iterations} iterations, the finished seeds of each arm (the tables' seed "
+    "column); 8 prompts, 4 per iteration × 4 "
     "completions of 32 tokens; fixed beta 0.1. Averages of the last 10 iterations, "
     "mean ± std over seeds:",
     "",

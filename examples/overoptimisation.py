@@ -331,6 +331,16 @@ def peak(coefficients: list[float] | None, form: str) -> float | None:
     return alpha / (2 * beta) if form == "best_of_n" else math.exp(alpha / beta - 1)
 
 
+def describe_peak(top: float | None, measured: float) -> str:
+    """The fitted peak for the table: a peak far beyond the points is an extrapolation
+    of a curve that has not turned down where it was measured, not a finding."""
+    if top is None:
+        return "never turns down"
+    if top > 2 * measured:
+        return f"no turn-down within 2× the measured √KL ({measured:.1f})"
+    return f"{top:.2f}"
+
+
 def mean_over_seeds(seeds: list[dict[str, list[float]]], key: str) -> list[float]:
     length = min(len(s[key]) for s in seeds)
     return [sum(s[key][i] for s in seeds) / len(seeds) for i in range(length)]
@@ -361,10 +371,9 @@ def report(bon, ppo, dpo, table) -> list[str]:
             fit = KF.overoptimisation_curve(curve_d, torch.tensor(coefficients), form) + gold_at_ref
             axes[0].plot(curve_d, fit, "--", color=line.get_color(), linewidth=1)
         best = max(range(len(gold)), key=gold.__getitem__)
-        top = peak(coefficients, form)
         lines.append(
             f"| {label} | {coefficients[0]:.3f} | {coefficients[1]:.3f} | "
-            f"{'never turns down' if top is None else f'{top:.2f}'} | {d[best]:.2f} | {gold[best]:.3f} |"
+            f"{describe_peak(peak(coefficients, form), max(d))} | {d[best]:.2f} | {gold[best]:.3f} |"
             if coefficients
             else f"| {label} | | | | {d[best]:.2f} | {gold[best]:.3f} |"
         )

@@ -288,6 +288,8 @@ def test_every_function_of_the_core_is_covered() -> None:
     group |= {"expected_best_of_n", "best_of_n_kl"}
     # fits over N >= 2 points of √KL >= 0 (tests/functional/test_preferences.py)
     group |= {"overoptimisation_coefficients", "overoptimisation_curve"}
+    # any leading shape [*B, V] (tests/functional/test_logprobs.py)
+    group |= {"truncated_logits"}
     # Being written alongside this module (functional/_head.py): it does not check its
     # tokens' dtype yet; join it to SPECS once it does.
     # logprobs_from_hidden takes [B, T, D] states and a [V, D] weight, kinds SPECS has

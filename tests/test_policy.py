@@ -384,13 +384,13 @@ def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_probability_z
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     log_p = probs.log().expand(20_000, -1)
-    tokens = _draw(log_p, None, None, _gen(0))
+    tokens = _draw(log_p, _gen(0))
     counts = torch.bincount(tokens, minlength=6).double()
     assert bool((counts[probs == 0] == 0).all())
     expected = probs.double() * len(tokens)
     chi2 = float((((counts - expected) ** 2)[probs > 0] / expected[probs > 0]).sum())
     assert chi2 < 13.8  # χ² with 2 degrees of freedom, p = 0.001
-    assert torch.equal(tokens, _draw(log_p, None, None, _gen(0)))  # same generator, same draw
+    assert torch.equal(tokens, _draw(log_p, _gen(0)))  # same generator, same draw
 
 
 def test_a_row_with_no_mass_is_refused() -> None:
@@ -398,7 +398,7 @@ def test_a_row_with_no_mass_is_refused() -> None:
 
     log_p = torch.full((2, 4), float("-inf"))
     with pytest.raises(FloatingPointError, match="no mass"):
-        _draw(log_p, None, None, _gen())
+        _draw(log_p, _gen())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -452,21 +452,6 @@ def test_top_p_samples_stay_in_the_nucleus(arch: str) -> None:
     assert float(mass_before(top_p=top_p, temperature=0.8).max()) < top_p + 1e-5
     assert float(mass_before().max()) > top_p  # without top_p some draws fall outside
     assert float(mass_before(top_p=1.0).max()) > top_p  # top_p = 1 keeps everything
-
-
-@pytest.mark.parametrize(
-    "kwargs", [{"top_k": 1}, {"top_k": 3}, {"top_p": 0.3}, {"top_k": 5, "top_p": 0.5}]
-)
-def test_truncated_sampling_records_untruncated_tempered_logprobs(kwargs: dict) -> None:
-    # Documented in Policy.rollout: old_logprobs are those of softmax(logits / τ), not of
-    # the truncated distribution, so that score() (which cannot truncate) agrees.
-    policy = _policy("llama", scale=PEAKED["llama"])
-    r = policy.rollout(PROMPTS, max_new_tokens=8, temperature=0.9, generator=_gen(), **kwargs)
-    expected = torch.log_softmax(_logits(policy, r) / 0.9, dim=-1)
-    expected = expected.gather(-1, r.response_ids[..., None]).squeeze(-1)
-    assert _max_gap(r.old_logprobs, expected, r.response_mask) < ATOL
-    assert _max_gap(policy.score(r).logprobs, r.old_logprobs, r.response_mask) < ATOL
-    assert float(r.old_logprobs[r.response_mask].min()) < -0.01  # not renormalised to 0
 
 
 # --------------------------------------------------------------------------- score()
@@ -725,3 +710,51 @@ def test_sampling_runs_one_forward_per_drawn_token() -> None:
     policy._step = lambda *a, **k: calls.append(1) or step(*a, **k)  # type: ignore[method-assign]
     r = policy.rollout(PROMPTS, max_new_tokens=5, generator=_gen())
     assert r.response_ids.shape[1] == 5 and len(calls) == 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"top_k": 5},
+        {"top_p": 0.6},
+        {"temperature": 0.7, "top_k": 8, "top_p": 0.8},
+        {"temperature": 1.6},
+    ],
+    ids=["top_k", "top_p", "all_three", "temperature"],
+)
+def test_first_ratio_is_one_and_logprobs_are_of_the_truncated_distribution(
+    arch: str, settings: dict
+) -> None:
+    # The behaviour logprobs are those of the distribution the tokens were drawn
+    # from (renormalised over the kept tokens), and scoring computes the same, so
+    # PPO's first ratio is 1 to float rounding; never a token outside the set.
+    policy = _policy(arch, scale=PEAKED[arch])
+    rollout = policy.rollout(PROMPTS, max_new_tokens=8, generator=_gen(), **settings)
+    mask = rollout.response_mask
+    temperature = settings.get("temperature", 1.0)
+    top_k, top_p = settings.get("top_k"), settings.get("top_p")
+    assert (rollout.temperature, rollout.top_k, rollout.top_p) == (temperature, top_k, top_p)
+    logits = _logits(policy, rollout)  # the model's own forward, no fast path
+    truncated = KF.truncated_logits(logits, temperature, top_k, top_p)
+    expected = KF.logprobs_from_logits(truncated, rollout.response_ids)
+    assert _max_gap(rollout.old_logprobs, expected, mask) < ATOL
+    assert bool((expected[mask] > -1e4).all())  # every drawn token was in the kept set
+    scored = policy.score(rollout).logprobs
+    ratio = torch.exp(scored - rollout.old_logprobs)
+    assert _max_gap(ratio, torch.ones_like(ratio), mask) < 1e-4
+    full = KF.logprobs_from_logits(logits, rollout.response_ids, temperature)
+    if top_k is not None or top_p is not None:  # renormalising over fewer tokens raises them
+        assert bool((expected[mask] >= full[mask] - ATOL).all())
+        assert _max_gap(expected, full, mask) > 0.05  # the truncation did bite
+
+
+def test_the_exact_kl_refuses_a_truncated_rollout() -> None:
+    from kltune.loop import estimate_kl, score_reference
+
+    policy = _policy()
+    rollout = policy.rollout(PROMPTS, max_new_tokens=4, top_k=5, generator=_gen())
+    penalty = kltune.KLPenalty(placement="reward+loss")
+    rollout = score_reference(FrozenReference(policy), rollout, penalty)
+    with pytest.raises(ValueError, match="does not know the top-k/top-p truncation"):
+        estimate_kl(policy, rollout, penalty)

@@ -44,7 +44,9 @@ class Sampling:
             distribution). The KL and the PPO ratio use the same τ.
         top_k: sample only among the k most likely tokens (None: all).
         top_p: nucleus sampling: the smallest set of tokens with this much mass
-            (None: all).
+            (None: all). With either, the policy *is* the truncated, renormalised
+            distribution: the behaviour logprobs, the PPO ratio and the KL to the
+            reference are all taken under it (the exact-KL penalty refuses it).
         completions_per_prompt: G, completions drawn for each prompt (1 by
             default; >= 2 for the group baselines, leave-one-out and GRPO). A
             batch has ``prompts_per_iteration × G`` completions.
@@ -275,6 +277,12 @@ def estimate_kl(policy: Policy, rollout: Rollout, kl: KLPenalty) -> Tensor:
         return kl.reward_kl(rollout.old_logprobs, rollout.ref_logprobs)
     if rollout.ref_head is None:
         raise ValueError("the exact KL needs ref_head: run score_reference with this penalty")
+    if rollout.top_k is not None or rollout.top_p is not None:
+        raise ValueError(
+            "the exact KL sums over the whole vocabulary and does not know the top-k/top-p "
+            "truncation this rollout was sampled with: sample without it, or use a "
+            "sampled-token estimator (KLPenalty(), k1)"
+        )
     with torch.no_grad():
         head = policy.next_token_head(rollout)
         return kl.exact_kl(head, rollout.ref_head, rollout.temperature)

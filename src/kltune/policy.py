@@ -324,11 +324,13 @@ class Policy(nn.Module):
         Sampling never records a graph. The behaviour logprobs come from the
         sampling pass itself (no second forward) and are always those of
         ``softmax(logits / temperature)``, the distribution :meth:`score`
-        computes. With a value head, the values V(s_t) come from the same pass
-        (the hidden state that predicts token ``t``), equal to :meth:`score`'s
-        within float32 rounding. With ``top_k``/``top_p`` the tokens are drawn from the
-        truncated distribution, so PPO's first ratio is not exactly 1 on tokens
-        near the cut; both sides of the ratio still use the same distribution.
+        computes. With ``top_k``/``top_p`` they are the logprobs of the truncated,
+        renormalised distribution the tokens are drawn from
+        (:func:`~kltune.functional.truncated_logits`), and the rollout records the
+        truncation so that :meth:`score` computes the same distribution: PPO's first
+        ratio is 1 to float rounding either way. With a value head, the values
+        V(s_t) come from the same pass (the hidden state that predicts token
+        ``t``), equal to :meth:`score`'s within float32 rounding.
 
         Args:
             prompts: prompt texts.
@@ -391,6 +393,8 @@ class Policy(nn.Module):
             prompts=tuple(p for p in prompts for _ in range(group)),
             completions=tuple(texts),
             temperature=float(temperature),
+            top_k=top_k,
+            top_p=top_p,
             prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(group),
             ended=sampled.ended,
         )
@@ -438,8 +442,10 @@ class Policy(nn.Module):
         done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         for _ in range(max_new_tokens):
-            log_p = _next_token_logprobs(logits, temperature)
-            token = _draw(log_p, top_k, top_p, generator)
+            log_p = torch.log_softmax(
+                KF.truncated_logits(logits.float(), temperature, top_k, top_p), dim=-1
+            )
+            token = _draw(log_p, generator)
             chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
             _check_finite(chosen)
             value = None if self.value_head is None or hidden is None else self._values(hidden)
@@ -475,8 +481,11 @@ class Policy(nn.Module):
     ) -> PolicyOutput:
         """Logprobs (with gradient), entropy and values of the rollout's response tokens.
 
-        Uses the rollout's temperature, so these logprobs and the behaviour
-        logprobs belong to the same distribution. Llama-family RMSNorms and
+        Uses the rollout's temperature and top-k/top-p truncation, so these
+        logprobs and the behaviour logprobs belong to the same distribution (a
+        truncated one is renormalised over the tokens it keeps at these weights,
+        plus the sampled token; see :func:`~kltune.functional.truncated_logits`).
+        Llama-family RMSNorms and
         SwiGLU MLPs keep fewer activations for backward while scoring
         (recomputing two elementwise intermediates; see ``kltune._forwards``).
 
@@ -489,9 +498,9 @@ class Policy(nn.Module):
             with_head: also return the next-token distributions as a
                 :class:`~kltune.rollout.NextTokenHead` (for the exact KL).
         """
-        head = (
-            _plain_output_layer(self.model) if self.fused_head and not entropy_with_grad else None
-        )
+        truncated = rollout.top_k is not None or rollout.top_p is not None
+        fuse = self.fused_head and not entropy_with_grad and not truncated
+        head = _plain_output_layer(self.model) if fuse else None
         if head is not None:
             decoder, output_layer = head
             with self._autocast(autocast_dtype), lean_activations(self.model):
@@ -513,15 +522,20 @@ class Policy(nn.Module):
             out = _response_forward(
                 self.model, rollout, output_hidden_states=self.value_head is not None
             )
-        logits = out.logits
-        logprobs = KF.logprobs_from_logits(logits, rollout.response_ids, rollout.temperature)
+        logits, temperature = out.logits, rollout.temperature
+        next_token = NextTokenHead(logits) if with_head else None
+        if truncated:  # the distribution sampling drew from, renormalised; τ applied
+            logits = KF.truncated_logits(
+                logits, temperature, rollout.top_k, rollout.top_p, keep=rollout.response_ids
+            )
+            temperature = 1.0
+        logprobs = KF.logprobs_from_logits(logits, rollout.response_ids, temperature)
         entropy_logits = logits if entropy_with_grad else logits.detach()
-        entropy = KF.entropy_from_logits(entropy_logits, rollout.temperature)
+        entropy = KF.entropy_from_logits(entropy_logits, temperature)
         values = None
         if self.value_head is not None:
             length = rollout.response_ids.shape[1]
             values = self._values(out.hidden_states[-1][:, -length:])
-        next_token = NextTokenHead(logits) if with_head else None
         return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values, head=next_token)
 
     def forward(
@@ -567,14 +581,6 @@ def _stack_steps(
     )
 
 
-def _next_token_logprobs(logits: Float[Tensor, "B V"], temperature: float) -> Float[Tensor, "B V"]:
-    """``log_softmax(logits / τ)`` in float32."""
-    scaled = logits.float()
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    return torch.log_softmax(scaled, dim=-1)
-
-
 def _check_finite(chosen: Float[Tensor, " B"]) -> None:
     """Refuse NaN/inf logits, with a cause.
 
@@ -589,28 +595,15 @@ def _check_finite(chosen: Float[Tensor, " B"]) -> None:
         )
 
 
-def _draw(
-    log_p: Float[Tensor, "B V"],
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> Int[Tensor, " B"]:
-    """Sample one token per row from ``exp(log_p)``, optionally truncated by top-k / top-p.
+def _draw(log_p: Float[Tensor, "B V"], generator: torch.Generator | None) -> Int[Tensor, " B"]:
+    """Sample one token per row from ``exp(log_p)`` (already truncated by top-k / top-p,
+    :func:`kltune.functional.truncated_logits`: the left-out tokens have probability 0).
 
     Inverse-CDF sampling: one uniform number per row against the cumulative
     probabilities (float64). ``torch.multinomial`` draws an exponential variate
     for every vocabulary entry, which on a CPU costs more than the rest of the
     step outside the model (18 ms against 1 ms for 16 × 49k).
     """
-    if top_k is not None and top_k < log_p.shape[-1]:
-        kth = torch.topk(log_p, top_k, dim=-1).values[:, -1:]
-        log_p = log_p.masked_fill(log_p < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_lp, order = torch.sort(log_p, descending=True, dim=-1)
-        before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()
-        drop_sorted = before >= top_p  # keep the smallest prefix whose mass reaches top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        log_p = log_p.masked_fill(drop, float("-inf"))
     cdf = torch.cumsum(log_p.exp().double(), dim=-1)
     total = cdf[:, -1:]
     if not bool((total > 0).all()):

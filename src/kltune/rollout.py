@@ -117,6 +117,8 @@ class Rollout:
         prompts: the prompt texts, one per row.
         completions: the decoded completions, one per row.
         temperature: the sampling temperature; scoring must use the same.
+        top_k: the top-k truncation sampling used (None: none); scoring uses the same.
+        top_p: the top-p (nucleus) truncation sampling used (None: none); likewise.
         prompt_index: which distinct prompt each row came from (rows of one
             prompt are contiguous); used by group baselines.
         ended: True where the completion ended with EOS (not truncated).
@@ -155,6 +157,8 @@ class Rollout:
     advantages: Float[Tensor, "B T"] | None = None
     returns: Float[Tensor, "B T"] | None = None
     ref_head: NextTokenHead | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_ids", "response_ids"):
@@ -194,6 +198,10 @@ class Rollout:
             raise ValueError(f"Rollout.temperature must be > 0, got {self.temperature}")
         if not math.isfinite(self.temperature):
             raise ValueError(f"Rollout.temperature must be finite, got {self.temperature}")
+        if self.top_k is not None:
+            check_count(self.top_k, name="Rollout.top_k")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Rollout.top_p must lie in (0, 1] or None, got {self.top_p}")
         _check_response_mask(self.response_mask)
 
     def __len__(self) -> int:
@@ -260,8 +268,10 @@ class Rollout:
         """
         if not rollouts:
             raise ValueError("concat needs at least one rollout")
-        if len({r.temperature for r in rollouts}) != 1:
-            raise ValueError("cannot concat rollouts sampled at different temperatures")
+        if len({(r.temperature, r.top_k, r.top_p) for r in rollouts}) != 1:
+            raise ValueError(
+                "cannot concat rollouts sampled with different temperatures or top-k/top-p"
+            )
         prompt_len = max(r.prompt_ids.shape[1] for r in rollouts)
         length = max(r.response_ids.shape[1] for r in rollouts)
         offset, parts = 0, []

@@ -288,3 +288,74 @@ def test_logprobs_and_entropy_reject_logits_without_a_vocabulary_axis():
         message=r"logits must have shape \[B T V\] \(3 dims\), got shape \(2, 3\)",
         argument="logits",
     )
+
+
+# ── truncated_logits: the distribution top-k / top-p sampling draws from ─────
+
+top_ks = st.one_of(st.none(), st.integers(1, 12))
+top_ps = st.one_of(st.none(), st.floats(0.05, 1.0))
+
+
+@given(logits_and_tokens(), temperatures, top_ks, top_ps)
+def test_truncation_renormalises_the_kept_tokens_and_zeroes_the_rest(zt, temperature, k, p):
+    z, _ = zt
+    z = z.double()
+    full = torch.softmax(z / temperature, dim=-1)
+    q = torch.softmax(KF.truncated_logits(z, temperature, k, p), dim=-1)
+    kept = q > 0
+    assert torch.allclose(q.sum(-1), torch.ones_like(q.sum(-1)))
+    # on the kept tokens q is p renormalised: q / p is one constant per row
+    ratio = torch.where(kept, q / full, torch.nan)
+    spread = ratio.nan_to_num(1.0).amax(-1) - torch.where(kept, ratio, torch.inf).amin(-1)
+    assert bool((spread.abs() < 1e-9).all())
+    # the kept tokens are the most likely ones
+    least_kept = torch.where(kept, full, torch.inf).amin(-1)
+    most_dropped = torch.where(kept, -torch.inf, full).amax(-1)
+    assert bool((least_kept >= most_dropped).all())
+    if k is not None:  # k at most (more only for ties at the k-th); at least k without top-p
+        count, distinct = kept.sum(-1), (z.unsqueeze(-1) != z.unsqueeze(-2)).all(-1).all(-1)
+        assert bool((count[distinct] <= k).all())
+        if p is None:
+            assert bool((count >= min(k, z.shape[-1])).all())
+    if p is not None:  # the kept mass reaches p; without the least likely kept token it does not
+        mass = torch.where(kept, full, 0.0).sum(-1)
+        if k is None:
+            assert bool((mass >= p - 1e-9).all())
+            least = torch.where(kept, full, torch.inf).amin(-1)
+            assert bool((mass - least < p + 1e-9).all())
+    if k is None and p in (None, 1.0):
+        assert torch.equal(KF.truncated_logits(z, temperature, k, p), z / temperature)
+
+
+@given(logits_and_tokens(), top_ks, top_ps)
+def test_a_kept_token_always_has_a_finite_logprob(zt, k, p):
+    z, tokens = zt
+    logprobs = KF.logprobs_from_logits(KF.truncated_logits(z, 1.0, k, p, keep=tokens), tokens)
+    assert bool(torch.isfinite(logprobs).all()) and bool((logprobs > -1e4).all())
+    entropy = KF.entropy_from_logits(KF.truncated_logits(z, 1.0, k, p, keep=tokens))
+    assert bool(torch.isfinite(entropy).all())  # no 0 · log 0 = NaN
+
+
+def test_truncation_hand_case_and_gradient_flows_only_through_kept_tokens() -> None:
+    z = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])).requires_grad_()
+    top2 = KF.truncated_logits(z, top_k=2)
+    torch.testing.assert_close(torch.softmax(top2, -1), torch.tensor([[[0.625, 0.375, 0, 0]]]))
+    nucleus = torch.softmax(KF.truncated_logits(z, top_p=0.7), -1)  # 0.5 + 0.3 reaches 0.7
+    torch.testing.assert_close(nucleus, torch.tensor([[[0.625, 0.375, 0, 0]]]))
+    KF.logprobs_from_logits(top2, torch.tensor([[0]])).sum().backward()
+    assert z.grad is not None and torch.equal(z.grad[..., 2:], torch.zeros(1, 1, 2))
+
+
+def test_truncation_refuses_bad_settings() -> None:
+    z = torch.zeros(2, 3, 5)
+    with pytest.raises(ValueError, match=r"top_k must be >= 1, got 0"):
+        KF.truncated_logits(z, top_k=0)
+    with pytest.raises(TypeError):  # jaxtyping's check in the tests, ours for users
+        KF.truncated_logits(z, top_k=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+        KF.truncated_logits(z, top_p=0.0)
+    assert_bad_input(
+        lambda: KF.truncated_logits(z, top_k=2, keep=torch.zeros(2, dtype=torch.long)),
+        message=r"keep has shape \(2,\)",
+        argument="keep",
+    )

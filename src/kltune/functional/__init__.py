@@ -58,6 +58,9 @@ from kltune.functional._logprobs import (
 from kltune.functional._logprobs import (
     logprobs_from_logits as logprobs_from_logits,
 )
+from kltune.functional._logprobs import (
+    truncated_logits as truncated_logits,
+)
 from kltune.functional._masked import (
     masked_mean as masked_mean,
 )
@@ -159,6 +162,7 @@ __all__ = [
     "shaped_rewards",
     "token_mean",
     "token_sum",
+    "truncated_logits",
     "value_regression_loss",
     "within_group_var",
 ]

@@ -160,3 +160,80 @@ def entropy_from_logits(
         probs = torch.softmax(z, dim=-1)
         pieces.append(log_norm - (probs * z).sum(-1))
     return torch.cat(pieces).reshape(logits.shape[:2])
+
+
+def truncated_logits(
+    logits: Float[Tensor, "*B V"],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    keep: Int[Tensor, "*B"] | None = None,
+) -> Float[Tensor, "*B V"]:
+    r"""``logits / temperature`` with the tokens top-k / top-p sampling leaves out at
+    the dtype's lowest value, so that their softmax is the *renormalised*
+    truncated distribution the tokens are actually drawn from:
+
+    .. math::
+        q(v) = \frac{p(v)\,[v \in S]}{\sum_{u \in S} p(u)},\quad p = \mathrm{softmax}(z / \tau)
+
+    with :math:`S` the ``top_k`` most likely tokens (ties at the k-th kept), then
+    of those the smallest prefix, by decreasing probability, whose mass reaches
+    ``top_p`` (the truncation order of Hugging Face's ``generate``: temperature,
+    top-k, top-p). With neither, it is just ``logits / temperature``.
+
+    Sampling and scoring must both use it for PPO's first ratio to be exactly 1.
+    In scoring, pass the sampled tokens as ``keep``: a token that has left the
+    set after an update keeps a finite logprob (the set is :math:`S \cup
+    \{\text{keep}\}`), which at the sampling weights is :math:`S` itself.
+
+    The excluded entries are finite (``torch.finfo(dtype).min``), so that
+    ``softmax`` gives them exactly 0 and ``p · log p`` stays 0 instead of NaN:
+    use the result with ``temperature=1``.
+
+    Args:
+        logits: next-token logits, vocabulary last.
+        temperature: τ > 0, applied before truncating.
+        top_k: keep this many most likely tokens (None: all).
+        top_p: nucleus mass in (0, 1] (None or 1: all).
+        keep: one token id per distribution that is always kept.
+
+    Returns:
+        Float32 (float64 for float64 logits) scaled logits, same shape.
+
+    Raises:
+        ValueError: τ is not a finite number > 0, ``top_k`` < 1, ``top_p``
+            outside (0, 1], or ``keep`` not of the logits' leading shape.
+        TypeError: ``top_k`` is not an int.
+
+    Example:
+        >>> z = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+        >>> torch.softmax(truncated_logits(z, top_k=2), -1)
+        tensor([0.6250, 0.3750, 0.0000])
+    """
+    check_floating(logits=logits)
+    check_positive(temperature, name="temperature")
+    if top_k is not None:
+        check_count(top_k, name="top_k")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or None, got {top_p}")
+    if keep is not None and keep.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"keep has shape {tuple(keep.shape)}; expected the logits' leading shape "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    z = _scaled(logits, temperature)
+    if top_k is None and (top_p is None or top_p == 1.0):
+        return z  # nothing is left out (``keep`` changes nothing)
+    out = torch.zeros_like(z, dtype=torch.bool)
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        out |= z < kth
+    if top_p is not None and top_p < 1.0:
+        log_p = torch.log_softmax(z.masked_fill(out, -torch.inf), dim=-1)
+        sorted_lp, order = torch.sort(log_p, descending=True, dim=-1)
+        probs = sorted_lp.exp()
+        before = torch.cumsum(probs, dim=-1) - probs  # the mass strictly more likely
+        out |= torch.zeros_like(out).scatter(-1, order, before >= top_p)
+    if keep is not None:
+        out.scatter_(-1, keep.long().unsqueeze(-1), False)
+    return z.masked_fill(out, torch.finfo(z.dtype).min)
