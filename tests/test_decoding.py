@@ -185,13 +185,13 @@ def test_the_models_forward_is_used_when_asked_or_under_autocast() -> None:
     model = MODELS["llama"]
     assert isinstance(decoding_for(model, 2, 40, hidden=True, lean=False), ModelDecoding)
     seen: list[str] = []
-    for policy, autocast in [
-        (_policy(model, lean_decoding=False), None),
-        (_policy(model), torch.bfloat16),
+    for policy in [
+        _policy(model, lean_decoding=False),
+        _policy(model, autocast_dtype=torch.bfloat16),
     ]:
         step = policy._step
         policy._step = lambda d, *a, step=step: seen.append(type(d).__name__) or step(d, *a)  # type: ignore[method-assign]
-        policy.rollout(PROMPTS[:2], max_new_tokens=2, autocast_dtype=autocast)
+        policy.rollout(PROMPTS[:2], max_new_tokens=2)
     assert set(seen) == {"ModelDecoding"}
 
 

@@ -17,7 +17,7 @@ class FakeScorer:
     logprobs: torch.Tensor
     values: torch.Tensor | None = None
 
-    def score(self, rollout, *, entropy_with_grad=False, autocast_dtype=None, with_head=False):
+    def score(self, rollout, *, entropy_with_grad=False, with_head=False):
         entropy = torch.full_like(self.logprobs, 0.5)
         return kltune.PolicyOutput(self.logprobs, entropy, self.values)
 

@@ -522,12 +522,25 @@ def test_policy_stays_in_eval_mode_so_scoring_is_deterministic() -> None:
 
 
 def test_bfloat16_autocast_keeps_float32_logprobs_near_the_float32_ones() -> None:
+    # One setting for sampling and scoring: the first ratio compares like with like.
     policy = _policy()
-    r = policy.rollout(PROMPTS, max_new_tokens=5, generator=_gen(), autocast_dtype=torch.bfloat16)
+    policy.autocast_dtype = torch.bfloat16
+    r = policy.rollout(PROMPTS, max_new_tokens=5, generator=_gen())
     assert r.old_logprobs.dtype == torch.float32
-    out = policy.score(r, autocast_dtype=torch.bfloat16)
+    out = policy.score(r)
     assert out.logprobs.dtype == torch.float32
+    assert _max_gap(out.logprobs, r.old_logprobs, r.response_mask) < 0.05
+    policy.autocast_dtype = None
     assert _max_gap(out.logprobs, policy.score(r).logprobs, r.response_mask) < 0.1
+    assert _max_gap(out.logprobs, policy.score(r).logprobs, r.response_mask) > 0  # it did act
+
+
+def test_autocast_dtype_must_be_a_floating_dtype() -> None:
+    model, tokenizer = kltune.tiny_random_model("llama")
+    with without_runtime_typecheck(), pytest.raises(TypeError, match=r"must be a floating"):
+        Policy(model, tokenizer, autocast_dtype="bf16")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"autocast_dtype must be a floating torch.dtype"):
+        Policy(model, tokenizer, autocast_dtype=torch.int8)
 
 
 # --------------------------------------------------------------------------- references

@@ -57,14 +57,10 @@ class _ThroughWrapper:
         rollout: Rollout,
         *,
         entropy_with_grad: bool = False,
-        autocast_dtype: torch.dtype | None = None,
         with_head: bool = False,
     ) -> PolicyOutput:
         out: PolicyOutput = self.wrapped(
-            rollout,
-            entropy_with_grad=entropy_with_grad,
-            autocast_dtype=autocast_dtype,
-            with_head=with_head,
+            rollout, entropy_with_grad=entropy_with_grad, with_head=with_head
         )
         return out
 

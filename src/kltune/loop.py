@@ -50,8 +50,6 @@ class Sampling:
         completions_per_prompt: G, completions drawn for each prompt (1 by
             default; >= 2 for the group baselines, leave-one-out and GRPO). A
             batch has ``prompts_per_iteration × G`` completions.
-        autocast_dtype: run the model in this dtype (e.g. ``torch.bfloat16``)
-            while sampling; None: the model's own dtype.
         stop_at_eos: end a completion at its EOS token (True, the default);
             False: every completion has exactly ``max_new_tokens`` tokens.
 
@@ -65,7 +63,6 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     completions_per_prompt: int = 1
-    autocast_dtype: torch.dtype | None = None
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
@@ -241,7 +238,6 @@ def collect_rollout(
             top_p=sampling.top_p,
             completions_per_prompt=sampling.completions_per_prompt,
             generator=generator,
-            autocast_dtype=sampling.autocast_dtype,
             stop_at_eos=sampling.stop_at_eos,
         )
 

@@ -37,7 +37,6 @@ class Scorer(Protocol):
         rollout: Rollout,
         *,
         entropy_with_grad: bool = False,
-        autocast_dtype: torch.dtype | None = None,
         with_head: bool = False,
     ) -> PolicyOutput: ...
 
@@ -63,8 +62,10 @@ class PPOObjective:
         kl: the KL penalty (estimator and placement); when it is in the loss, the
             term β·agg(k) joins the loss.
         aggregate: how per-token losses become a scalar.
-        autocast_dtype: run the policy's forward under autocast (e.g. bf16);
-            the loss itself is float32.
+
+    The precision the policy's forward runs in is the policy's own
+    (``Policy(autocast_dtype=...)``), the same for sampling and scoring; the
+    loss itself is float32.
 
     Raises:
         ValueError: ``clip_eps`` or ``value_clip_eps`` not a finite number > 0,
@@ -80,7 +81,6 @@ class PPOObjective:
     entropy_coef: float = 0.0
     kl: KLPenalty = field(default_factory=KLPenalty)
     aggregate: Aggregate = KF.token_mean
-    autocast_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         # Checked here, so that a bad setting fails when the objective is built,
@@ -119,7 +119,6 @@ class PPOObjective:
         out = policy.score(
             minibatch,
             entropy_with_grad=self.entropy_coef > 0,
-            autocast_dtype=self.autocast_dtype,
             with_head=self.kl.in_loss and self.kl.exact,
         )
         surrogate = KF.clipped_surrogate_loss(

@@ -192,6 +192,11 @@ class Policy(nn.Module):
             at a few rows. It is used only for plain models (no hooks, adapters
             or quantised layers) and without autocast. False: always the
             model's own forward with its KV cache.
+        autocast_dtype: run the model under CPU/GPU autocast in this dtype
+            (e.g. ``torch.bfloat16``) when it samples *and* when it scores: one
+            setting, so that the behaviour logprobs and the logprobs PPO
+            differentiates come from the same function (None: the model's own
+            dtype). Logprobs, values and losses are float32 either way.
     """
 
     def __init__(
@@ -202,10 +207,18 @@ class Policy(nn.Module):
         value_head: bool = False,
         fused_head: bool = True,
         lean_decoding: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.fused_head = fused_head
         self.lean_decoding = lean_decoding
+        if autocast_dtype is not None and not (
+            isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"autocast_dtype must be a floating torch.dtype or None, got {autocast_dtype!r}"
+            )
+        self.autocast_dtype = autocast_dtype
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one")
         self.model = model
@@ -316,7 +329,6 @@ class Policy(nn.Module):
         top_p: float | None = None,
         completions_per_prompt: int = 1,
         generator: torch.Generator | None = None,
-        autocast_dtype: torch.dtype | None = None,
         stop_at_eos: bool = True,
     ) -> Rollout:
         """Sample completions with the KV cache and record their behaviour logprobs.
@@ -341,8 +353,6 @@ class Policy(nn.Module):
             completions_per_prompt: G; rows of one prompt are contiguous.
             generator: the source of randomness (same seed, same completions);
                 on the CPU or on the model's device.
-            autocast_dtype: run the model under CPU/GPU autocast in this dtype
-                (e.g. ``torch.bfloat16``); logprobs are float32 either way.
             stop_at_eos: end a completion at its EOS token (the default). With
                 False every completion has exactly ``max_new_tokens`` tokens: an
                 EOS is an ordinary token (its logprob recorded, the text after it
@@ -367,8 +377,8 @@ class Policy(nn.Module):
         group = completions_per_prompt
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        decoding, layout = self._decoding(prompt_ids.shape, max_new_tokens, autocast_dtype)
-        with self._autocast(autocast_dtype), layout:
+        decoding, layout = self._decoding(prompt_ids.shape, max_new_tokens)
+        with self._autocast(), layout:
             sampled = self._sample(
                 decoding,
                 prompt_ids,
@@ -400,7 +410,7 @@ class Policy(nn.Module):
         )
 
     def _decoding(
-        self, prompt_shape: torch.Size, max_new_tokens: int, autocast_dtype: torch.dtype | None
+        self, prompt_shape: torch.Size, max_new_tokens: int
     ) -> tuple[Decoding, AbstractContextManager[Any]]:
         """The sampling loop's forward (see ``kltune._decoding``) and the layout its
         linears run in: the model's own forward runs them weight-major on a CPU."""
@@ -410,16 +420,16 @@ class Policy(nn.Module):
             rows,
             width + max_new_tokens,
             hidden=self.value_head is not None,
-            lean=self.lean_decoding and autocast_dtype is None,
+            lean=self.lean_decoding and self.autocast_dtype is None,
         )
         if isinstance(decoding, LlamaDecoding):
             return decoding, nullcontext()
         return decoding, weight_major_linears(self)
 
-    def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
-        if dtype is None:
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _sample(
         self,
@@ -476,7 +486,6 @@ class Policy(nn.Module):
         rollout: Rollout,
         *,
         entropy_with_grad: bool = False,
-        autocast_dtype: torch.dtype | None = None,
         with_head: bool = False,
     ) -> PolicyOutput:
         """Logprobs (with gradient), entropy and values of the rollout's response tokens.
@@ -493,8 +502,6 @@ class Policy(nn.Module):
             rollout: prompts and responses to score.
             entropy_with_grad: keep the entropy in the graph (for an entropy
                 bonus); otherwise it is computed detached, for logging.
-            autocast_dtype: run the model under autocast in this dtype; the
-                logprobs and values are float32 either way.
             with_head: also return the next-token distributions as a
                 :class:`~kltune.rollout.NextTokenHead` (for the exact KL).
         """
@@ -503,7 +510,7 @@ class Policy(nn.Module):
         head = _plain_output_layer(self.model) if fuse else None
         if head is not None:
             decoder, output_layer = head
-            with self._autocast(autocast_dtype), lean_activations(self.model):
+            with self._autocast(), lean_activations(self.model):
                 hidden = _response_hidden(decoder, rollout)
             hidden = hidden.to(output_layer.weight.dtype)
             logprobs, entropy = KF.logprobs_from_hidden(
@@ -518,7 +525,7 @@ class Policy(nn.Module):
                 NextTokenHead(hidden, output_layer.weight, output_layer.bias) if with_head else None
             )
             return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values, head=next_token)
-        with self._autocast(autocast_dtype), lean_activations(self.model):
+        with self._autocast(), lean_activations(self.model):
             out = _response_forward(
                 self.model, rollout, output_hidden_states=self.value_head is not None
             )
@@ -543,7 +550,6 @@ class Policy(nn.Module):
         rollout: Rollout,
         *,
         entropy_with_grad: bool = False,
-        autocast_dtype: torch.dtype | None = None,
         with_head: bool = False,
     ) -> PolicyOutput:
         """:meth:`score` as the module's forward, so that a wrapped policy (DDP,
@@ -551,7 +557,6 @@ class Policy(nn.Module):
         return self.score(
             rollout,
             entropy_with_grad=entropy_with_grad,
-            autocast_dtype=autocast_dtype,
             with_head=with_head,
         )
 
