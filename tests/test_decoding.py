@@ -20,7 +20,7 @@ from transformers import (
 
 import kltune
 from kltune._decoding import LlamaDecoding, ModelDecoding, decoding_for
-from kltune.policy import position_ids_from_mask
+from kltune.sampler import position_ids_from_mask
 
 ATOL = 1e-5
 PROMPTS = ["The movie was", "hi", "A much longer prompt, about films and acting,", ""]
@@ -122,8 +122,8 @@ def test_lean_decoding_samples_what_the_models_forward_samples(
         plain.value_head.load_state_dict(lean.value_head.state_dict())
     kwargs = {"max_new_tokens": 12, "completions_per_prompt": 2, "temperature": temperature}
     calls: list[str] = []
-    step = lean._step
-    lean._step = lambda d, *a: calls.append(type(d).__name__) or step(d, *a)  # type: ignore[method-assign]
+    step = lean.sampler.step  # type: ignore[attr-defined]
+    lean.sampler.step = lambda d, *a: calls.append(type(d).__name__) or step(d, *a)  # type: ignore[attr-defined]
     fast = lean.rollout(PROMPTS, generator=torch.Generator().manual_seed(3), **kwargs)
     slow = plain.rollout(PROMPTS, generator=torch.Generator().manual_seed(3), **kwargs)
     assert set(calls) == {"LlamaDecoding"}
@@ -189,8 +189,8 @@ def test_the_models_forward_is_used_when_asked_or_under_autocast() -> None:
         _policy(model, lean_decoding=False),
         _policy(model, autocast_dtype=torch.bfloat16),
     ]:
-        step = policy._step
-        policy._step = lambda d, *a, step=step: seen.append(type(d).__name__) or step(d, *a)  # type: ignore[method-assign]
+        step = policy.sampler.step  # type: ignore[attr-defined]
+        policy.sampler.step = lambda d, *a, step=step: seen.append(type(d).__name__) or step(d, *a)  # type: ignore[attr-defined]
         policy.rollout(PROMPTS[:2], max_new_tokens=2)
     assert set(seen) == {"ModelDecoding"}
 

@@ -380,25 +380,25 @@ def test_without_a_value_head_a_rollout_has_no_values() -> None:
 
 
 def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_probability_zero() -> None:
-    from kltune.policy import _draw
+    from kltune.sampler import draw
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     log_p = probs.log().expand(20_000, -1)
-    tokens = _draw(log_p, _gen(0))
+    tokens = draw(log_p, _gen(0))
     counts = torch.bincount(tokens, minlength=6).double()
     assert bool((counts[probs == 0] == 0).all())
     expected = probs.double() * len(tokens)
     chi2 = float((((counts - expected) ** 2)[probs > 0] / expected[probs > 0]).sum())
     assert chi2 < 13.8  # χ² with 2 degrees of freedom, p = 0.001
-    assert torch.equal(tokens, _draw(log_p, _gen(0)))  # same generator, same draw
+    assert torch.equal(tokens, draw(log_p, _gen(0)))  # same generator, same draw
 
 
 def test_a_row_with_no_mass_is_refused() -> None:
-    from kltune.policy import _draw
+    from kltune.sampler import draw
 
     log_p = torch.full((2, 4), float("-inf"))
     with pytest.raises(FloatingPointError, match="no mass"):
-        _draw(log_p, _gen())
+        draw(log_p, _gen())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -678,8 +678,9 @@ def test_weight_major_sampling_layout_samples_what_the_plain_layout_samples(arch
         nn.init.normal_(policy.value_head.weight)
     kwargs = {"max_new_tokens": 10, "completions_per_prompt": 2}
     fast = policy.rollout([*PROMPTS, ""], generator=_gen(6), **kwargs)
-    plain_sample = policy._sample
-    policy._sample = lambda *a: _unpatched(policy, plain_sample, *a)  # type: ignore[method-assign]
+    sampler = policy.sampler
+    plain_sample = sampler._sample  # type: ignore[attr-defined]
+    sampler._sample = lambda *a: _unpatched(policy, plain_sample, *a)  # type: ignore[attr-defined]
     plain = policy.rollout([*PROMPTS, ""], generator=_gen(6), **kwargs)
     assert torch.equal(fast.response_ids, plain.response_ids)
     # float32 rounding only (values here are ~10, so 1e-5 is a relative 1e-6)
@@ -719,8 +720,8 @@ def test_sampling_runs_one_forward_per_drawn_token() -> None:
     # The prompt pass draws the first token; no forward for a token never drawn.
     policy = _policy()
     calls = []
-    step = policy._step
-    policy._step = lambda *a, **k: calls.append(1) or step(*a, **k)  # type: ignore[method-assign]
+    step = policy.sampler.step  # type: ignore[attr-defined]
+    policy.sampler.step = lambda *a, **k: calls.append(1) or step(*a, **k)  # type: ignore[attr-defined]
     r = policy.rollout(PROMPTS, max_new_tokens=5, generator=_gen())
     assert r.response_ids.shape[1] == 5 and len(calls) == 5
 

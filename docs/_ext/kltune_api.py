@@ -42,6 +42,7 @@ PUBLIC_MODULES = (
     "kltune.functional",
     "kltune.rollout",
     "kltune.policy",
+    "kltune.sampler",
     "kltune.loading",
     "kltune.accel",
     "kltune.rewards",

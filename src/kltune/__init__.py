@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from kltune import loop as loop
     from kltune import plots as plots
     from kltune import preferences as preferences
+    from kltune import sampler as sampler
     from kltune.baselines import (
         Baseline as Baseline,
     )

@@ -340,6 +340,8 @@ def optimise(
             state = _skip(state, updates)
         blocks.optimizer.zero_grad(set_to_none=True)
         history.append(metrics)
+    if history and "policy/ratio_error" in history[0]:  # scored before any update
+        history[0]["policy/first_ratio_error"] = history[0]["policy/ratio_error"]
     return state, history
 
 
@@ -422,6 +424,9 @@ class TrainingHealthWarning(RuntimeWarning):
 #: Bounds past which :func:`warn_if_unhealthy` warns.
 MAX_APPROX_KL = 0.5
 MAX_CLIPFRAC = 0.5
+#: Largest ``|ratio − 1|`` on the first minibatch, before any update, that float
+#: rounding explains (float32: about 1e-5; bf16 autocast: up to about 1e-2).
+MAX_FIRST_RATIO_ERROR = 0.02
 
 
 def warn_if_unhealthy(metrics: Metrics) -> None:
@@ -440,6 +445,10 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
       distribution the tokens came from, or behaviour logprobs from another
       model or precision. With the KL in the reward the policy is then paid for
       the mismatch.
+    - ``policy/first_ratio_error`` > 0.02: before any update the policy's scoring
+      disagrees with the behaviour logprobs, which a sampler that keeps its
+      contract (:class:`kltune.sampler.Sampler`) never lets happen beyond float
+      rounding.
     """
     approx_kl = metrics.get("policy/approx_kl", 0.0)
     clipfrac = metrics.get("policy/clipfrac", 0.0)
@@ -448,6 +457,16 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
             f"large policy update: approx KL(old‖new) = {approx_kl:.3f} nats per token, "
             f"clip fraction = {clipfrac:.2f}. The learning rate is probably too high "
             "(or there are too many PPO epochs): lower it.",
+            TrainingHealthWarning,
+            stacklevel=2,
+        )
+    first = metrics.get("policy/first_ratio_error", 0.0)
+    if first > MAX_FIRST_RATIO_ERROR:
+        warnings.warn(
+            f"before any update, the policy's logprobs differ from the behaviour logprobs "
+            f"(largest |ratio − 1| = {first:.3g}): the sampler did not return the logprobs "
+            "of the distribution it drew from, at the policy's temperature, top-k/top-p "
+            "and precision (kltune.sampler.Sampler); PPO is then off-policy from the start.",
             TrainingHealthWarning,
             stacklevel=2,
         )

@@ -168,5 +168,6 @@ def _policy_metrics(
         "policy/clipfrac": KF.clip_fraction(out.logprobs, minibatch.old_logprobs, mask, clip_eps),
         "policy/approx_kl": KF.approx_kl(out.logprobs, minibatch.old_logprobs, mask),
         "policy/ratio_mean": KF.masked_mean(ratio, mask),
+        "policy/ratio_error": (ratio - 1).abs().masked_fill(~mask, 0.0).max(),
         "policy/entropy": KF.masked_mean(out.entropy.detach(), mask),
     }

@@ -24,11 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kltune.functional as KF
 from kltune._checks import check_count, check_texts
-from kltune._decoding import Decoding, LlamaDecoding, decoding_for
-from kltune._forwards import lean_activations, weight_major_linears
+from kltune._forwards import lean_activations
 from kltune.accel import fast_paths
 from kltune.functional._head import logprobs_only_from_hidden
 from kltune.rollout import NextTokenHead, Rollout
+from kltune.sampler import KVCacheSampler, Sampler, position_ids_from_mask
 
 
 @final
@@ -49,11 +49,6 @@ class PolicyOutput:
     entropy: Float[Tensor, "B T"]
     values: Float[Tensor, "B T"] | None
     head: NextTokenHead | None = None
-
-
-def position_ids_from_mask(mask: Bool[Tensor, "B L"]) -> Int[Tensor, "B L"]:
-    """Position of each token counting real tokens only (left padding gets 0)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _embedding_rows(model: nn.Module) -> int | None:
@@ -127,15 +122,6 @@ def _response_hidden(decoder: nn.Module, rollout: Rollout) -> Tensor:
     return hidden
 
 
-@dataclass(frozen=True)
-class _Sampled:
-    tokens: Int[Tensor, "B T"]
-    logprobs: Float[Tensor, "B T"]
-    mask: Bool[Tensor, "B T"]
-    ended: Bool[Tensor, " B"]
-    values: Float[Tensor, "B T"] | None
-
-
 def check_sampling(
     max_new_tokens: int,
     temperature: float,
@@ -197,6 +183,9 @@ class Policy(nn.Module):
             setting, so that the behaviour logprobs and the logprobs PPO
             differentiates come from the same function (None: the model's own
             dtype). Logprobs, values and losses are float32 either way.
+        sampler: what draws completions (:class:`~kltune.sampler.Sampler`; None:
+            kltune's :class:`~kltune.sampler.KVCacheSampler`). Another engine
+            must return the logprobs of the distribution it sampled from.
     """
 
     def __init__(
@@ -208,6 +197,7 @@ class Policy(nn.Module):
         fused_head: bool = True,
         lean_decoding: bool = True,
         autocast_dtype: torch.dtype | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         super().__init__()
         self.fused_head = fused_head
@@ -219,6 +209,7 @@ class Policy(nn.Module):
                 f"autocast_dtype must be a floating torch.dtype or None, got {autocast_dtype!r}"
             )
         self.autocast_dtype = autocast_dtype
+        self.sampler: Sampler = KVCacheSampler() if sampler is None else sampler
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one")
         self.model = model
@@ -377,19 +368,17 @@ class Policy(nn.Module):
         group = completions_per_prompt
         prompt_ids = prompt_ids.repeat_interleave(group, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group, dim=0)
-        decoding, layout = self._decoding(prompt_ids.shape, max_new_tokens)
-        with self._autocast(), layout:
-            sampled = self._sample(
-                decoding,
-                prompt_ids,
-                prompt_mask,
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                generator,
-                stop_at_eos,
-            )
+        sampled = self.sampler(
+            self,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            stop_at_eos=stop_at_eos,
+        )
         texts = self.tokenizer.batch_decode(
             sampled.tokens.masked_fill(~sampled.mask, self.pad_token_id), skip_special_tokens=True
         )
@@ -409,76 +398,17 @@ class Policy(nn.Module):
             ended=sampled.ended,
         )
 
-    def _decoding(
-        self, prompt_shape: torch.Size, max_new_tokens: int
-    ) -> tuple[Decoding, AbstractContextManager[Any]]:
-        """The sampling loop's forward (see ``kltune._decoding``) and the layout its
-        linears run in: the model's own forward runs them weight-major on a CPU."""
-        rows, width = prompt_shape
-        decoding = decoding_for(
-            self.model,
-            rows,
-            width + max_new_tokens,
-            hidden=self.value_head is not None,
-            lean=self.lean_decoding and self.autocast_dtype is None,
-        )
-        if isinstance(decoding, LlamaDecoding):
-            return decoding, nullcontext()
-        return decoding, weight_major_linears(self)
-
-    def _autocast(self) -> AbstractContextManager[Any]:
+    def precision(self) -> AbstractContextManager[Any]:
+        """The policy's precision as a context: autocast in ``autocast_dtype`` (a
+        no-op when it is None). Sampling and scoring both run under it."""
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _sample(
-        self,
-        decoding: Decoding,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        generator: torch.Generator | None,
-        stop_at_eos: bool = True,
-    ) -> _Sampled:
-        eos = self.eos_token_id if stop_at_eos else None
-        mask = prompt_mask.long()
-        position = position_ids_from_mask(prompt_mask)
-        # Only the last prompt position predicts a token: no [B, P, V] logits for the prompt.
-        logits, hidden = self._step(decoding, prompt_ids, mask, position)
-        position = position[:, -1:]
-        done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
-        for _ in range(max_new_tokens):
-            log_p = torch.log_softmax(
-                KF.truncated_logits(logits.float(), temperature, top_k, top_p), dim=-1
-            )
-            token = _draw(log_p, generator)
-            chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
-            _check_finite(chosen)
-            value = None if self.value_head is None or hidden is None else self._values(hidden)
-            token = token.masked_fill(done, self.pad_token_id)
-            steps.append((token, chosen, ~done, value))
-            if eos is not None:
-                done = done | (token == eos)
-            if bool(done.all()) or len(steps) == max_new_tokens:
-                break  # (no forward for a token that will not be drawn)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
-            logits, hidden = self._step(decoding, token[:, None], mask, position)
-        return _stack_steps(steps, done)
-
-    def _step(
-        self, decoding: Decoding, ids: Tensor, mask: Tensor, position: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """One forward of the sampling loop: the last position's logits (and last
-        hidden state), extending the decoding's KV cache."""
-        return decoding(ids, mask, position)
-
-    def _values(self, hidden: Float[Tensor, "*B D"]) -> Float[Tensor, "*B"]:
-        assert self.value_head is not None
+    def values_from_hidden(self, hidden: Float[Tensor, "*B D"]) -> Float[Tensor, "*B"] | None:
+        """V(s) from the last hidden states (None without a value head), float32."""
+        if self.value_head is None:
+            return None
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def score(
@@ -510,7 +440,7 @@ class Policy(nn.Module):
         head = _plain_output_layer(self.model) if fuse else None
         if head is not None:
             decoder, output_layer = head
-            with self._autocast(), lean_activations(self.model):
+            with self.precision(), lean_activations(self.model):
                 hidden = _response_hidden(decoder, rollout)
             hidden = hidden.to(output_layer.weight.dtype)
             logprobs, entropy = KF.logprobs_from_hidden(
@@ -520,12 +450,12 @@ class Policy(nn.Module):
                 rollout.temperature,
                 bias=output_layer.bias,
             )
-            values = None if self.value_head is None else self._values(hidden)
+            values = self.values_from_hidden(hidden)
             next_token = (
                 NextTokenHead(hidden, output_layer.weight, output_layer.bias) if with_head else None
             )
             return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values, head=next_token)
-        with self._autocast(), lean_activations(self.model):
+        with self.precision(), lean_activations(self.model):
             out = _response_forward(
                 self.model, rollout, output_hidden_states=self.value_head is not None
             )
@@ -542,7 +472,7 @@ class Policy(nn.Module):
         values = None
         if self.value_head is not None:
             length = rollout.response_ids.shape[1]
-            values = self._values(out.hidden_states[-1][:, -length:])
+            values = self.values_from_hidden(out.hidden_states[-1][:, -length:])
         return PolicyOutput(logprobs=logprobs, entropy=entropy, values=values, head=next_token)
 
     def forward(
@@ -565,62 +495,6 @@ class Policy(nn.Module):
         """The behaviour policy's next-token distributions at the response positions
         (no gradient): what the exact KL in the reward compares with π_ref's."""
         return next_token_head(self.model, rollout)
-
-
-def _stack_steps(
-    steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], done: Tensor
-) -> _Sampled:
-    """The sampling loop's per-step (token, logprob, real, value) as [B, T] tensors,
-    with logprobs and values 0 after a row's EOS."""
-    tokens, logprobs, real, values = zip(*steps, strict=True)
-    mask = torch.stack(real, dim=1)
-    stacked_values = None
-    if values[0] is not None:
-        stacked_values = torch.stack(values, dim=1).masked_fill(~mask, 0.0)
-    return _Sampled(
-        tokens=torch.stack(tokens, dim=1),
-        logprobs=torch.stack(logprobs, dim=1).masked_fill(~mask, 0.0),
-        mask=mask,
-        ended=done,
-        values=stacked_values,
-    )
-
-
-def _check_finite(chosen: Float[Tensor, " B"]) -> None:
-    """Refuse NaN/inf logits, with a cause.
-
-    Checking the drawn tokens' logprobs is enough: a NaN or +inf logit makes
-    the row's log-normaliser non-finite, hence every logprob of the row, and a
-    −inf logit (a banned token) has probability 0 and is never drawn.
-    """
-    if not bool(torch.isfinite(chosen).all()):
-        raise FloatingPointError(
-            "the policy produced NaN/inf logits while sampling: its weights are "
-            "probably corrupted (a learning rate too high, or a non-finite update)"
-        )
-
-
-def _draw(log_p: Float[Tensor, "B V"], generator: torch.Generator | None) -> Int[Tensor, " B"]:
-    """Sample one token per row from ``exp(log_p)`` (already truncated by top-k / top-p,
-    :func:`kltune.functional.truncated_logits`: the left-out tokens have probability 0).
-
-    Inverse-CDF sampling: one uniform number per row against the cumulative
-    probabilities (float64). ``torch.multinomial`` draws an exponential variate
-    for every vocabulary entry, which on a CPU costs more than the rest of the
-    step outside the model (18 ms against 1 ms for 16 × 49k).
-    """
-    cdf = torch.cumsum(log_p.exp().double(), dim=-1)
-    total = cdf[:, -1:]
-    if not bool((total > 0).all()):
-        raise FloatingPointError("a next-token distribution has no mass (all logits −inf or NaN)")
-    # Drawn where the generator lives (a CPU generator also drives a GPU model).
-    device = generator.device if generator is not None else cdf.device
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=device, dtype=cdf.dtype)
-    u = u.to(cdf.device)
-    # The first index whose cumulative mass exceeds u·total: P(i) = p_i / total,
-    # and a token of probability 0 (flat cdf) is never the first to exceed it.
-    token = torch.searchsorted(cdf, u * total, right=True)
-    return token.clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def teacher_forced(policy: Policy, prompts: Sequence[str], completions: Sequence[str]) -> Rollout:
