@@ -43,6 +43,7 @@ PUBLIC_MODULES = (
     "kltune.rollout",
     "kltune.policy",
     "kltune.sampler",
+    "kltune.reference",
     "kltune.loading",
     "kltune.accel",
     "kltune.rewards",

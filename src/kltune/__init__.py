@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from kltune import loop as loop
     from kltune import plots as plots
     from kltune import preferences as preferences
+    from kltune import reference as reference
     from kltune import sampler as sampler
     from kltune.baselines import (
         Baseline as Baseline,
@@ -104,19 +105,10 @@ if TYPE_CHECKING:
     )
     from kltune.objective import PPOObjective as PPOObjective
     from kltune.policy import (
-        AdapterOffReference as AdapterOffReference,
-    )
-    from kltune.policy import (
-        FrozenReference as FrozenReference,
-    )
-    from kltune.policy import (
         Policy as Policy,
     )
     from kltune.policy import (
         PolicyOutput as PolicyOutput,
-    )
-    from kltune.policy import (
-        Reference as Reference,
     )
     from kltune.preferences import (
         Preference as Preference,
@@ -132,6 +124,15 @@ if TYPE_CHECKING:
     )
     from kltune.preferences import (
         judge_pairs as judge_pairs,
+    )
+    from kltune.reference import (
+        AdapterOffReference as AdapterOffReference,
+    )
+    from kltune.reference import (
+        FrozenReference as FrozenReference,
+    )
+    from kltune.reference import (
+        Reference as Reference,
     )
     from kltune.rewards import (
         ClassifierReward as ClassifierReward,

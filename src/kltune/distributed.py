@@ -42,7 +42,8 @@ from torch import Tensor
 
 from kltune.loop import Blocks
 from kltune.objective import Scorer
-from kltune.policy import FrozenReference, PolicyOutput
+from kltune.policy import PolicyOutput
+from kltune.reference import FrozenReference
 from kltune.rollout import Rollout
 
 

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kltune.policy import Policy, Reference, teacher_forced
+from kltune.policy import Policy, teacher_forced
+from kltune.reference import Reference
 
 __all__ = ["reference_perplexity"]
 
@@ -39,7 +40,7 @@ def reference_perplexity(
     does; completions that encode to no token are left out.
 
     Args:
-        reference: π_ref (its :meth:`~kltune.policy.Reference.logprobs` scores the tokens).
+        reference: π_ref (its :meth:`~kltune.reference.Reference.logprobs` scores the tokens).
         policy: supplies the tokenizer and prompt encoding (its weights are not used).
         prompts: one prompt per completion.
         completions: the texts to judge.

@@ -46,7 +46,8 @@ from kltune.kl_control import FixedKLController, KLPenalty
 from kltune.loading import tiny_random_model
 from kltune.loop import Blocks, LoopState, Sampling, Updates, ppo_iteration
 from kltune.objective import PPOObjective
-from kltune.policy import FrozenReference, HeadReference, Policy
+from kltune.policy import Policy
+from kltune.reference import FrozenReference, HeadReference
 from kltune.rollout import NextTokenHead, Rollout
 
 __all__ = ["EnumeratedCompletions", "cosine_and_norm_ratio", "flat_gradient"]

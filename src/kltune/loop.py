@@ -21,7 +21,8 @@ from kltune._checks import check_count
 from kltune.baselines import Baseline, LearnedBaseline, _group_size
 from kltune.kl_control import KLController, KLPenalty
 from kltune.objective import PPOObjective, Scorer
-from kltune.policy import HeadReference, Policy, Reference, check_sampling
+from kltune.policy import Policy, check_sampling
+from kltune.reference import HeadReference, Reference
 from kltune.rewards import RewardFn, score_completions
 from kltune.rollout import Rollout, RolloutBuffer
 

@@ -10,12 +10,11 @@ Position ids are ``cumsum(attention_mask) - 1``, so a left-padded row gets the
 same positions as the same text alone, in sampling and in scoring alike.
 """
 
-import copy
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol, final, runtime_checkable
+from typing import Any, final
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -26,7 +25,6 @@ import kltune.functional as KF
 from kltune._checks import check_count, check_texts
 from kltune._forwards import lean_activations
 from kltune.accel import fast_paths
-from kltune.functional._head import logprobs_only_from_hidden
 from kltune.rollout import NextTokenHead, Rollout
 from kltune.sampler import KVCacheSampler, Sampler, position_ids_from_mask
 
@@ -541,25 +539,6 @@ def teacher_forced(policy: Policy, prompts: Sequence[str], completions: Sequence
     )
 
 
-@runtime_checkable
-class Reference(Protocol):
-    """The frozen π_ref: logprobs of a rollout's response tokens, never trained."""
-
-    def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
-        """log π_ref of the response tokens, under the rollout's temperature."""
-        ...
-
-
-@runtime_checkable
-class HeadReference(Reference, Protocol):
-    """A reference that can also give its whole next-token distributions, which the
-    exact-KL penalty needs (:class:`FrozenReference` and :class:`AdapterOffReference` can)."""
-
-    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
-        """π_ref's next-token distributions at the response positions (no gradient)."""
-        ...
-
-
 def next_token_head(model: nn.Module, rollout: Rollout) -> NextTokenHead:
     """A causal LM's next-token distributions at the response positions: its last
     hidden states and output layer when the logits are a plain linear map of them
@@ -570,86 +549,3 @@ def next_token_head(model: nn.Module, rollout: Rollout) -> NextTokenHead:
         hidden = _response_hidden(decoder, rollout).to(output_layer.weight.dtype)
         return NextTokenHead(hidden, output_layer.weight, output_layer.bias)
     return NextTokenHead(_response_forward(model, rollout).logits)
-
-
-def _reference_logprobs(model: nn.Module, rollout: Rollout) -> Tensor:
-    head = next_token_head(model, rollout)
-    if head.weight is not None:  # no [B, T, V] logits held, as in Policy.score
-        return logprobs_only_from_hidden(
-            head.hidden, head.weight, rollout.response_ids, rollout.temperature, head.bias
-        )
-    return KF.logprobs_from_logits(head.hidden, rollout.response_ids, rollout.temperature)
-
-
-@final
-class FrozenReference:
-    """π_ref as a frozen deep copy of the policy's initial weights.
-
-    Costs a second copy of the weights; with a LoRA policy prefer
-    :class:`AdapterOffReference`.
-
-    Args:
-        policy: the policy whose current weights become π_ref.
-    """
-
-    def __init__(self, policy: Policy) -> None:
-        self.model = copy.deepcopy(policy.model)
-        self.model.eval()
-        self.model.requires_grad_(False)
-
-    @torch.no_grad()
-    def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
-        return _reference_logprobs(self.model, rollout)
-
-    @torch.no_grad()
-    def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
-        return _response_forward(self.model, rollout).logits
-
-    @torch.no_grad()
-    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
-        return next_token_head(self.model, rollout)
-
-
-@final
-class AdapterOffReference:
-    """π_ref as the policy's own weights with its LoRA adapter switched off.
-
-    No second copy of the base weights: the reference is the base model the
-    adapter was added to, evaluated inside peft's ``disable_adapter()``.
-
-    Args:
-        policy: a Policy whose model is a ``peft.PeftModel``.
-
-    Raises:
-        TypeError: the policy's model has no adapter to switch off.
-    """
-
-    def __init__(self, policy: Policy) -> None:
-        disable = getattr(type(policy.model), "disable_adapter", None)
-        if disable is None:
-            raise TypeError(
-                "AdapterOffReference needs a policy whose model is a peft.PeftModel; "
-                "use FrozenReference for a fully trained policy"
-            )
-        self.policy = policy
-
-    def _adapter_off(self) -> AbstractContextManager[None]:
-        model: Any = self.policy.model
-        return model.disable_adapter()
-
-    @torch.no_grad()
-    def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
-        with self._adapter_off():
-            return _reference_logprobs(self.policy.model, rollout)
-
-    @torch.no_grad()
-    def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
-        with self._adapter_off():
-            return _response_forward(self.policy.model, rollout).logits
-
-    @torch.no_grad()
-    def next_token_head(self, rollout: Rollout) -> NextTokenHead:
-        # The base model's output layer is the policy's own (weights shared): for the
-        # KL only its current values matter, and the adapter is off while they are read.
-        with self._adapter_off():
-            return next_token_head(self.policy.model, rollout)

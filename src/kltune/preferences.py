@@ -14,7 +14,7 @@ two steps and the alternative that skips the reward model:
   (:func:`kltune.functional.bradley_terry_loss`). It *is* a ``RewardFn``: pass
   it to :class:`~kltune.loop.Blocks` like any other reward.
 - :func:`dpo_step` / :func:`fit_dpo`: Direct Preference Optimisation of a
-  :class:`~kltune.policy.Policy` against a :class:`~kltune.policy.Reference` on
+  :class:`~kltune.policy.Policy` against a :class:`~kltune.reference.Reference` on
   the same pairs (:func:`kltune.functional.dpo_loss`).
 
 The learned reward is where the KL penalty matters most: the policy finds the
@@ -41,7 +41,8 @@ from transformers import PreTrainedTokenizerBase
 import kltune.functional as KF
 from kltune._checks import check_count
 from kltune._runfiles import io_error, strict_json, write_bytes
-from kltune.policy import Policy, Reference, teacher_forced
+from kltune.policy import Policy, teacher_forced
+from kltune.reference import Reference
 from kltune.rewards import RewardFn, _check_utf8, _preview, score_completions
 
 #: One logged step of a fit: ``step`` and ``epoch`` (ints) and float metrics.
@@ -680,7 +681,7 @@ def fit_dpo(
 
     Args:
         policy: the policy to train (a :class:`~kltune.policy.Policy`).
-        reference: π_ref, e.g. :class:`~kltune.policy.FrozenReference` of the policy
+        reference: π_ref, e.g. :class:`~kltune.reference.FrozenReference` of the policy
             before training.
         pairs: training pairs.
         beta: DPO's β: the KL weight of the objective it optimises.
