@@ -49,7 +49,7 @@ def one_update(blocks: kltune.Blocks, state: kltune.LoopState, rollout: kltune.R
     kl_tokens = estimate_kl(blocks.policy, rollout, blocks.objective.kl)
     rollout = shape_with_kl(rollout, kl_tokens, blocks.objective.kl, state.controller.beta)
     rollout = estimate_advantages(state.baseline, rollout)
-    buffer = kltune.RolloutBuffer(rollout).whitened(all_reduce=blocks.all_reduce)
+    buffer = kltune.RolloutBuffer(rollout).whitened(all_reduce=blocks.data_parallel.all_reduce)
     updates = kltune.Updates(minibatch_size=len(rollout), epochs=2)
     optimise(blocks, buffer, state.controller.beta, updates, torch.Generator(), state)
 

@@ -227,9 +227,11 @@ def _by_hand(prompts, blocks, state, sampling, updates, generator):
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = kltune.RolloutBuffer(rollout)
     if updates.whiten_advantages:
-        buffer = buffer.whitened(all_reduce=blocks.all_reduce)
+        buffer = buffer.whitened(all_reduce=blocks.data_parallel.all_reduce)
     state, _ = optimise(blocks, buffer, beta, updates, generator, state)
-    controller = update_controller(state.controller, kl_tokens, rollout, blocks.all_reduce)
+    controller = update_controller(
+        state.controller, kl_tokens, rollout, blocks.data_parallel.all_reduce
+    )
     state = dataclasses.replace(
         state,
         controller=controller,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from kltune import checkpoint as checkpoint
     from kltune import diagnostics as diagnostics
     from kltune import distributed as distributed
+    from kltune import encoding as encoding
     from kltune import functional as functional
     from kltune import loop as loop
     from kltune import plots as plots

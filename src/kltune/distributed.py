@@ -35,16 +35,60 @@ Caveats, stated rather than hidden:
 """
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, final, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from kltune.loop import Blocks
 from kltune.objective import Scorer
 from kltune.policy import PolicyOutput
 from kltune.reference import FrozenReference
 from kltune.rollout import Rollout
+
+if TYPE_CHECKING:
+    from kltune.loop import Blocks
+
+
+@runtime_checkable
+class AllReduce(Protocol):
+    """Sum a tensor over the processes of a data-parallel run (the identity in one process)."""
+
+    def __call__(self, tensor: Tensor) -> Tensor: ...
+
+
+def one_process(tensor: Tensor) -> Tensor:
+    """The :class:`AllReduce` of a single process: the tensor itself."""
+    return tensor
+
+
+@final
+@dataclass(frozen=True)
+class DataParallel:
+    """How the processes of a data-parallel run take part in one PPO iteration.
+
+    The loop's only distributed plumbing, set by :func:`prepare` (the default is
+    one process, which needs none of it).
+
+    Attributes:
+        scorer: what the loss calls to score a minibatch with gradient: the
+            wrapped policy, so that the engine synchronises gradients (None: the
+            policy itself).
+        all_reduce: sums a tensor over processes: for the whitening statistics,
+            the KL that drives β, and the logged metrics.
+    """
+
+    scorer: Scorer | None = None
+    all_reduce: AllReduce = one_process
+
+    @property
+    def single(self) -> bool:
+        """True for one process (cross-process sums are skipped)."""
+        return self.all_reduce is one_process
+
+
+ONE_PROCESS = DataParallel()
+"""The default :class:`DataParallel`: one process, the policy scores itself."""
 
 
 class _ThroughWrapper:
@@ -66,7 +110,7 @@ class _ThroughWrapper:
         return out
 
 
-def prepare(blocks: Blocks, accelerator: Any) -> Blocks:
+def prepare(blocks: "Blocks", accelerator: Any) -> "Blocks":
     """Blocks ready for a run under ``accelerator`` (an ``accelerate.Accelerator``).
 
     Prepares the policy (wrapped for gradient synchronisation; the same
@@ -93,11 +137,9 @@ def prepare(blocks: Blocks, accelerator: Any) -> Blocks:
         out: Tensor = accelerator.reduce(tensor.to(accelerator.device), reduction="sum")
         return out.to(tensor.device)
 
-    scorer: Scorer = _ThroughWrapper(wrapped)
     return dataclasses.replace(
         blocks,
         optimizer=optimizer,
-        scorer=scorer,
         backward=accelerator.backward,
-        all_reduce=all_reduce,
+        data_parallel=DataParallel(scorer=_ThroughWrapper(wrapped), all_reduce=all_reduce),
     )

@@ -19,8 +19,9 @@ from torch import Tensor
 import kltune.functional as KF
 from kltune._checks import check_count
 from kltune.baselines import Baseline, LearnedBaseline, _group_size
+from kltune.distributed import ONE_PROCESS, AllReduce, DataParallel, one_process
 from kltune.kl_control import KLController, KLPenalty
-from kltune.objective import PPOObjective, Scorer
+from kltune.objective import PPOObjective
 from kltune.policy import Policy, check_sampling
 from kltune.reference import HeadReference, Reference
 from kltune.rewards import RewardFn, score_completions
@@ -160,13 +161,6 @@ def _plain_backward(loss: Tensor) -> None:
 
 
 @runtime_checkable
-class AllReduce(Protocol):
-    """Sum a tensor over the processes of a data-parallel run (the identity in one process)."""
-
-    def __call__(self, tensor: Tensor) -> Tensor: ...
-
-
-@runtime_checkable
 class SteppingBackward(Backward, Protocol):
     """A backward that applies the optimiser itself, parameter by parameter, as
     gradients complete (:class:`kltune.accel.StepInBackward`): the loop then reads
@@ -175,21 +169,15 @@ class SteppingBackward(Backward, Protocol):
     def grad_norm(self) -> Tensor: ...
 
 
-def _one_process(tensor: Tensor) -> Tensor:
-    return tensor
-
-
 @final
 @dataclass(frozen=True)
 class Blocks:
     """The blocks one PPO iteration wires together.
 
-    The last three fields matter only for a data-parallel run, and
-    :func:`kltune.distributed.prepare` sets them: ``scorer`` is what the loss
-    calls to score a minibatch with gradient (the wrapped policy, so that the
-    engine synchronises gradients; default: ``policy``), ``backward`` is the
-    engine's backward, and ``all_reduce`` sums a tensor over processes (for
-    the whitening statistics, the KL that drives β, and the logged metrics).
+    ``backward`` is ``loss.backward()`` unless an engine or
+    :class:`kltune.accel.StepInBackward` provides its own. ``data_parallel``
+    matters only for a run over several processes, and
+    :func:`kltune.distributed.prepare` sets it (with ``backward``).
     """
 
     policy: Policy
@@ -199,8 +187,7 @@ class Blocks:
     optimizer: torch.optim.Optimizer
     value_fit: ValueFit | None = None
     backward: Backward = _plain_backward
-    scorer: Scorer | None = None
-    all_reduce: AllReduce = _one_process
+    data_parallel: DataParallel = ONE_PROCESS
 
     def __post_init__(self) -> None:
         if self.objective.kl.exact and not isinstance(self.reference, HeadReference):
@@ -362,7 +349,7 @@ def update_controller(
     controller: KLController,
     kl_tokens: Tensor,
     rollout: Rollout,
-    all_reduce: AllReduce = _one_process,
+    all_reduce: AllReduce = one_process,
 ) -> KLController:
     """β's update from the observed KL per sequence (summed over response tokens),
     over the rollouts of every process."""
@@ -397,17 +384,19 @@ def ppo_iteration(
     rollout = estimate_advantages(state.baseline, rollout)
     buffer = RolloutBuffer(rollout)
     if updates.whiten_advantages:
-        buffer = buffer.whitened(all_reduce=blocks.all_reduce)
+        buffer = buffer.whitened(all_reduce=blocks.data_parallel.all_reduce)
     state, history = optimise(blocks, buffer, beta, updates, generator, state)
     metrics = rollout_metrics(rollout, kl_tokens, beta) | _mean_metrics(history)
     if blocks.value_fit is not None:
         metrics |= fit_value_baseline(blocks.value_fit, rollout)
-    metrics = mean_over_processes(metrics, blocks.all_reduce)
+    metrics = mean_over_processes(metrics, blocks.data_parallel.all_reduce)
     warn_if_unhealthy(metrics)
     target = getattr(state.controller, "target", None)
     if isinstance(target, float | int):  # the controllers that aim at a KL
         metrics |= {"kl/target": float(target), "kl/tracking_error": metrics["kl/mean"] - target}
-    controller = update_controller(state.controller, kl_tokens, rollout, blocks.all_reduce)
+    controller = update_controller(
+        state.controller, kl_tokens, rollout, blocks.data_parallel.all_reduce
+    )
     state = _replace(
         state,
         controller=controller,
@@ -490,7 +479,7 @@ def warn_if_unhealthy(metrics: Metrics) -> None:
 
 def mean_over_processes(metrics: Metrics, all_reduce: AllReduce) -> Metrics:
     """Each metric averaged over processes, with one collective call (a no-op in one process)."""
-    if all_reduce is _one_process:
+    if all_reduce is one_process:
         return metrics
     local = torch.tensor([*metrics.values(), 1.0], dtype=torch.float64)
     summed = all_reduce(local)
@@ -550,7 +539,7 @@ def _accumulate_gradients(
     sums: dict[str, Tensor] = {}
     for start in range(0, len(minibatch), rows):
         part = minibatch.select(slice(start, start + rows))
-        loss, metrics = blocks.objective(blocks.scorer or blocks.policy, part, beta)
+        loss, metrics = blocks.objective(blocks.data_parallel.scorer or blocks.policy, part, beta)
         # A non-finite loss is still backpropagated: its NaN gradients make the
         # step be skipped, on every process alike once gradients are synchronised,
         # and no process waits forever for another's backward.

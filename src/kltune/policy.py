@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import kltune.functional as KF
-from kltune._checks import check_count, check_texts
+from kltune._checks import check_count
 from kltune._forwards import lean_activations
 from kltune.accel import fast_paths
+from kltune.encoding import embedding_rows, encode_prompts, pad_token_id
 from kltune.rollout import NextTokenHead, Rollout
 from kltune.sampler import KVCacheSampler, Sampler, position_ids_from_mask
 
@@ -49,16 +50,9 @@ class PolicyOutput:
     head: NextTokenHead | None = None
 
 
-def _embedding_rows(model: nn.Module) -> int | None:
-    """The number of rows of the model's input embedding (None if it has no such table)."""
-    get = getattr(model, "get_input_embeddings", None)
-    rows = getattr(get(), "num_embeddings", None) if callable(get) else None
-    return rows if isinstance(rows, int) else None
-
-
 def _check_ids(model: nn.Module, ids: Tensor) -> None:
     """Token ids inside the model's embedding (checked on the CPU only: no host sync)."""
-    rows = _embedding_rows(model)
+    rows = embedding_rows(model)
     if ids.device.type != "cpu" or not isinstance(rows, int) or ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
@@ -208,8 +202,7 @@ class Policy(nn.Module):
             )
         self.autocast_dtype = autocast_dtype
         self.sampler: Sampler = KVCacheSampler() if sampler is None else sampler
-        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set one")
+        pad_token_id(tokenizer)  # raises without a pad or EOS token
         self.model = model
         self.tokenizer = tokenizer
         self.model.eval()
@@ -242,8 +235,7 @@ class Policy(nn.Module):
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+        return pad_token_id(self.tokenizer)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -261,50 +253,16 @@ class Policy(nn.Module):
     def encode_prompts(
         self, prompts: Sequence[str], max_new_tokens: int = 0
     ) -> tuple[Int[Tensor, "B P"], Bool[Tensor, "B P"]]:
-        """Tokenise and left-pad prompts.
-
-        An empty prompt becomes the BOS token (or EOS when there is no BOS), the
-        start of a document, so that the model has something to condition on.
-
-        Any ``str`` that is valid Unicode is accepted (control characters, NUL,
-        emoji): it is the tokenizer's to encode. Special-token strings in the text
-        (``"<|im_start|>"``, an EOS string) become those special tokens, as the
-        tokenizer parses them: chat templates rely on it.
-
-        Raises:
-            ValueError: an empty list, a prompt that is not valid Unicode (a lone
-                surrogate), a prompt whose tokens plus ``max_new_tokens`` exceed
-                the model's context, or a token id outside the model's embedding,
-                naming the prompt; ``max_new_tokens`` < 0.
-            TypeError: prompts not a sequence of str, or ``max_new_tokens`` not an int.
-        """
-        check_count(max_new_tokens, name="max_new_tokens", minimum=0)
-        check_texts(prompts, name="prompts", encodable=True)
-        start = self.tokenizer.bos_token_id
-        start = self.tokenizer.eos_token_id if start is None else start
-        start = self.pad_token_id if start is None else int(start)
-        rows = [list(self.tokenizer(p).input_ids) or [start] for p in prompts]
-        limit = self.context_length
-        for i, row in enumerate(rows):
-            if limit is not None and len(row) + max_new_tokens > limit:
-                raise ValueError(
-                    f"prompts[{i}] has {len(row)} tokens; with max_new_tokens={max_new_tokens} "
-                    f"it exceeds the model's context of {limit} tokens: shorten the prompt"
-                )
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = True
-        rows_in_model = _embedding_rows(self.model)
-        if rows_in_model is not None and int(ids.max()) >= rows_in_model:  # CPU: no sync
-            i = int((ids >= rows_in_model).any(dim=1).nonzero()[0, 0])
-            raise ValueError(
-                f"prompts[{i}] encodes to token id {int(ids[i].max())}, outside the model's "
-                f"embedding of {rows_in_model} rows: the tokenizer does not match the model "
-                "(call model.resize_token_embeddings(len(tokenizer)) after adding tokens)"
-            )
+        """Tokenise and left-pad prompts on the policy's device
+        (:func:`kltune.encoding.encode_prompts`, checked against this model's
+        context and embedding; its errors)."""
+        ids, mask = encode_prompts(
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            context_length=self.context_length,
+            vocabulary_size=embedding_rows(self.model),
+        )
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 import kltune.functional as KF
 from kltune._checks import check_count
 from kltune._runfiles import io_error, strict_json, write_bytes
+from kltune.encoding import start_token_id
 from kltune.policy import Policy, teacher_forced
 from kltune.reference import Reference
 from kltune.rewards import RewardFn, _check_utf8, _preview, score_completions
@@ -281,11 +282,10 @@ class RewardModel(nn.Module):
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         _check_utf8(texts)
         eos = self.tokenizer.eos_token_id
-        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else eos
         rows = []
         for i, text in enumerate(texts):
             ids = list(self.tokenizer(text).input_ids) + ([int(eos)] if eos is not None else [])
-            ids = ids or [int(start if start is not None else 0)]
+            ids = ids or [start_token_id(self.tokenizer)]
             if self.max_length is not None and len(ids) > self.max_length:
                 raise ValueError(
                     f"text {i} ({_preview(texts[i])}) has {len(ids)} tokens, more than the "
