@@ -70,12 +70,10 @@ class DataParallel:
     The loop's only distributed plumbing, set by :func:`prepare` (the default is
     one process, which needs none of it).
 
-    Attributes:
-        scorer: what the loss calls to score a minibatch with gradient: the
-            wrapped policy, so that the engine synchronises gradients (None: the
-            policy itself).
-        all_reduce: sums a tensor over processes: for the whitening statistics,
-            the KL that drives β, and the logged metrics.
+    ``scorer`` is what the loss calls to score a minibatch with gradient: the
+    wrapped policy, so that the engine synchronises gradients (None: the policy
+    itself). ``all_reduce`` sums a tensor over processes: for the whitening
+    statistics, the KL that drives β, and the logged metrics.
     """
 
     scorer: Scorer | None = None
