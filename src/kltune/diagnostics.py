@@ -57,6 +57,12 @@ def _ngrams(words: Sequence[str], n: int) -> list[Ngram]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
+def _repetition(words: Sequence[str], n: int) -> float | None:
+    """The fraction of one text's word n-grams that repeat an earlier one (None: < n words)."""
+    grams = _ngrams(words, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else None
+
+
 def _check_order(n: int, *, name: str) -> None:
     if n < 1:
         raise ValueError(f"{name} must be >= 1 (an n-gram order), got {n}")
@@ -164,11 +170,7 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     """
     check_texts(texts, name="texts")
     _check_order(n, name="n")
-    rates = []
-    for text in texts:
-        grams = _ngrams(_words(text), n)
-        if grams:
-            rates.append(1.0 - len(set(grams)) / len(grams))
+    rates = [rate for text in texts if (rate := _repetition(_words(text), n)) is not None]
     return math.fsum(rates) / len(rates) if rates else 0.0
 
 

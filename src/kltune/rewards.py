@@ -50,6 +50,7 @@ from transformers import (
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from kltune._checks import check_texts
+from kltune.diagnostics import _repetition
 
 __all__ = [
     "ClassifierReward",
@@ -594,11 +595,8 @@ class RepetitionPenalty:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
     def _score(self, text: str) -> float:
-        words = _words(text.casefold())
-        grams = [tuple(words[i : i + self.n]) for i in range(len(words) - self.n + 1)]
-        if not grams:
-            return 0.0
-        return len(set(grams)) / len(grams) - 1.0
+        rate = _repetition(_words(text.casefold()), self.n)
+        return -rate if rate else 0.0
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Float[Tensor, " B"]:
         texts = _texts(prompts, completions, False)
