@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from kltune.diagnostics import repetition_rate
 from kltune.rewards import (
     ClassifierReward,
     LengthReward,
@@ -610,3 +611,16 @@ def test_missing_eos_penalty_errors() -> None:
         missing_eos_penalty(scores, torch.tensor([True]), -1.0)
     with pytest.raises(ValueError, match="finite"):
         missing_eos_penalty(scores, torch.tensor([True, False]), math.nan)
+
+
+@given(
+    st.lists(st.sampled_from(["good", "Good", "bad", "film", "so"]), max_size=12),
+    st.integers(1, 4),
+)
+def test_the_repetition_penalty_is_minus_the_repetition_diagnostic(
+    words: list[str], n: int
+) -> None:
+    text = " ".join(words)
+    penalty = float(RepetitionPenalty(n=n)([""], [text])[0])
+    assert penalty == pytest.approx(-repetition_rate([text], n=n))
+    assert -1.0 < penalty <= 0.0
