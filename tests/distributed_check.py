@@ -1,4 +1,5 @@
-"""Run under ``accelerate launch --cpu --num_processes 2`` by test_distributed.py.
+"""Run under ``accelerate launch --num_processes 2`` by test_distributed.py (``cpu``: gloo;
+``cuda``: one GPU per process).
 
 One PPO update on a fixed batch of 8 completions: each of the two
 processes takes 4 rows (data-parallel, through kltune.distributed.prepare);
@@ -54,22 +55,41 @@ def one_update(blocks: kltune.Blocks, state: kltune.LoopState, rollout: kltune.R
     optimise(blocks, buffer, state.controller.beta, updates, torch.Generator(), state)
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
+def _blocks(device: torch.device) -> tuple[kltune.Blocks, kltune.LoopState]:
     blocks, state = tiny_blocks(value_head=True, baseline=kltune.GAEBaseline())
+    if device.type == "cpu":
+        return blocks, state
+    blocks.policy.to(device)
+    moved = kltune.Blocks(
+        policy=blocks.policy,
+        reference=kltune.FrozenReference(blocks.policy),
+        reward_fn=blocks.reward_fn,
+        objective=blocks.objective,
+        optimizer=torch.optim.Adam(blocks.policy.parameters(), lr=1e-2),
+    )
+    return moved, state
+
+
+def _weights(blocks: kltune.Blocks) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in blocks.policy.state_dict().items()}
+
+
+def main(out: Path, device: str) -> None:
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=device == "cpu")  # CUDA: one GPU per process, NCCL
+    rank, world = accelerator.process_index, accelerator.num_processes
+    blocks, state = _blocks(accelerator.device)
     rollout = fixed_rollout(blocks)  # identical on every process: same weights, same seed
     rows = len(rollout) // world
     prepared = kltune.distributed.prepare(blocks, accelerator)
     one_update(prepared, state, rollout.select(slice(rank * rows, (rank + 1) * rows)))
-    save_file(dict(blocks.policy.state_dict()), str(out / f"rank{rank}.safetensors"))
+    save_file(_weights(blocks), str(out / f"rank{rank}.safetensors"))
     if accelerator.is_main_process:
-        alone, state = tiny_blocks(value_head=True, baseline=kltune.GAEBaseline())
+        alone, state = _blocks(accelerator.device)
         one_update(alone, state, rollout)
-        save_file(dict(alone.policy.state_dict()), str(out / "single.safetensors"))
+        save_file(_weights(alone), str(out / "single.safetensors"))
     accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "cpu")

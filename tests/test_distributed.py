@@ -40,7 +40,13 @@ def _launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def test_two_processes_on_half_batches_equal_one_process_on_the_whole(tmp_path: Path) -> None:
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+def test_two_processes_on_half_batches_equal_one_process_on_the_whole(
+    tmp_path: Path, device: str
+) -> None:
     # On CPUs accelerate starts several processes only through its torchrun launcher
     # (--multi_gpu) or MPI: `--cpu --num_processes 2` silently starts one. The
     # script asks for the CPU itself (Accelerator(cpu=True)): gloo.
@@ -58,6 +64,7 @@ def test_two_processes_on_half_batches_equal_one_process_on_the_whole(tmp_path: 
         "29531",
         str(ROOT / "tests" / "distributed_check.py"),
         str(tmp_path),
+        device,
     )
     rank0, rank1, single = (
         load_file(str(tmp_path / f"{name}.safetensors")) for name in ("rank0", "rank1", "single")

@@ -335,6 +335,11 @@ def load_checkpoint(
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path / 'state.json'} is not a valid run state: {error}") from None
+    if rng.numel() != generator.get_state().numel():
+        raise CheckpointError(
+            f"checkpoint {path} holds the state of a generator of another kind than this "
+            f"run's (on {generator.device}): resume on the device type the run started on"
+        )
     # Everything is read and valid: now change the blocks.
     policy.load_state_dict(weights, strict=False)
     if isinstance(baseline, nn.Module) and baseline_weights is not None:

@@ -458,7 +458,9 @@ def _run(
 ) -> LoopState:
     """The iterations of :func:`train`, once the folder is locked and checked."""
     out, ranks = run.out, run.ranks
-    generator = torch.Generator(device="cpu").manual_seed(run.seed + _RANK_SEED_STRIDE * ranks.rank)
+    # On the policy's device: sampling draws there, with no host-to-device copy per token.
+    generator = torch.Generator(device=blocks.policy.device)
+    generator.manual_seed(run.seed + _RANK_SEED_STRIDE * ranks.rank)
     reference_texts: list[str] | None = None
     requested = state.controller
     hyperparameters = [

@@ -56,28 +56,44 @@ class FrozenReference:
     """π_ref as a frozen deep copy of the policy's initial weights.
 
     Costs a second copy of the weights; with a LoRA policy prefer
-    :class:`AdapterOffReference`.
+    :class:`AdapterOffReference`. The copy may live on another device than the
+    policy (the CPU beside a GPU policy, or a second GPU): each rollout's tokens
+    go to the reference and its logprobs come back, so the models never move.
 
     Args:
         policy: the policy whose current weights become π_ref.
+        device: where the copy lives (None: the policy's device).
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, device: torch.device | str | None = None) -> None:
         self.model = copy.deepcopy(policy.model)
+        if device is not None:
+            self.model.to(device)
         self.model.eval()
         self.model.requires_grad_(False)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _here(self, rollout: Rollout) -> Rollout:
+        return rollout if rollout.device == self.device else rollout.to(self.device)
+
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> Float[Tensor, "B T"]:
-        return _reference_logprobs(self.model, rollout)
+        logprobs = _reference_logprobs(self.model, self._here(rollout))
+        return logprobs.to(rollout.device)
 
     @torch.no_grad()
     def logits(self, rollout: Rollout) -> Float[Tensor, "B T V"]:
-        return _response_forward(self.model, rollout).logits
+        return _response_forward(self.model, self._here(rollout)).logits.to(rollout.device)
 
     @torch.no_grad()
     def next_token_head(self, rollout: Rollout) -> NextTokenHead:
-        return next_token_head(self.model, rollout)
+        # On another device the output layer's weight travels with the hidden states
+        # (the exact KL needs the whole distribution): prefer k1 there.
+        head = next_token_head(self.model, self._here(rollout))
+        return head if self.device == rollout.device else head.to(rollout.device)
 
 
 @final

@@ -252,6 +252,11 @@ class Rollout:
         return dataclasses.replace(self, **changes)
 
     @property
+    def device(self) -> torch.device:
+        """Where the rollout's tensors live (those of its response tokens)."""
+        return self.response_ids.device
+
+    @property
     def lengths(self) -> Int[Tensor, " B"]:
         """Number of real response tokens per row."""
         return self.response_mask.sum(-1)
@@ -404,7 +409,8 @@ class RolloutBuffer:
         self, minibatch_size: int, epochs: int, generator: torch.Generator | None
     ) -> Iterator[Rollout]:
         for _ in range(epochs):
-            order = torch.randperm(len(self), generator=generator)
+            device = "cpu" if generator is None else generator.device
+            order = torch.randperm(len(self), generator=generator, device=device)
             for start in range(0, len(self), minibatch_size):
                 yield self.rollout.select(order[start : start + minibatch_size])
 

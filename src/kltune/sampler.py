@@ -156,22 +156,35 @@ class KVCacheSampler:
         logits, hidden = self.step(decoding, prompt_ids, mask, position)
         position = position[:, -1:]
         done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        # Health flags stay on the device: checking them costs no host sync of its own.
+        has_mass = torch.ones((), dtype=torch.bool, device=prompt_ids.device)
+        finite = torch.ones((), dtype=torch.bool, device=prompt_ids.device)
         steps: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         for _ in range(max_new_tokens):
             log_p = torch.log_softmax(scaled(logits), dim=-1)
-            token = draw(log_p, generator)
+            token, mass = _draw(log_p, generator)
             chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
-            _check_finite(chosen)
+            has_mass = has_mass & mass
+            finite = finite & torch.isfinite(chosen).all()
             value = None if hidden is None else policy.values_from_hidden(hidden)
             token = token.masked_fill(done, policy.pad_token_id)
             steps.append((token, chosen, ~done, value))
+            if len(steps) == max_new_tokens:
+                break  # (no forward for a token that will not be drawn)
             if eos is not None:
                 done = done | (token == eos)
-            if bool(done.all()) or len(steps) == max_new_tokens:
-                break  # (no forward for a token that will not be drawn)
+                # The one host sync per token: have all rows ended? The health
+                # flags ride along, so bad weights stop sampling at once.
+                finished, *health = torch.stack([done.all(), has_mass, finite]).tolist()
+                _check_health(*health)
+                if finished:
+                    break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
             logits, hidden = self.step(decoding, token[:, None], mask, position)
+        if eos is not None and len(steps) == max_new_tokens:
+            done = done | (steps[-1][0] == eos)
+        _check_health(*torch.stack([has_mass, finite]).tolist())
         return _stack_steps(steps, done)
 
 
@@ -194,14 +207,16 @@ def _stack_steps(
     )
 
 
-def _check_finite(chosen: Float[Tensor, " B"]) -> None:
-    """Refuse NaN/inf logits, with a cause.
+def _check_health(has_mass: bool, finite: bool) -> None:
+    """Refuse a next-token distribution without mass or with NaN/inf logits, with a cause.
 
-    Checking the drawn tokens' logprobs is enough: a NaN or +inf logit makes
-    the row's log-normaliser non-finite, hence every logprob of the row, and a
-    token left out by truncation has probability 0 and is never drawn.
+    Checking the drawn tokens' logprobs is enough for the second: a NaN or +inf
+    logit makes the row's log-normaliser non-finite, hence every logprob of the
+    row, and a token left out by truncation has probability 0 and is never drawn.
     """
-    if not bool(torch.isfinite(chosen).all()):
+    if not has_mass:
+        raise FloatingPointError("a next-token distribution has no mass (all logits −inf or NaN)")
+    if not finite:
         raise FloatingPointError(
             "the policy produced NaN/inf logits while sampling: its weights are "
             "probably corrupted (a learning rate too high, or a non-finite update)"
@@ -220,15 +235,24 @@ def draw(log_p: Float[Tensor, "B V"], generator: torch.Generator | None) -> Int[
     Raises:
         FloatingPointError: a row has no mass (all logits −inf or NaN).
     """
+    token, has_mass = _draw(log_p, generator)
+    _check_health(bool(has_mass), True)
+    return token
+
+
+def _draw(
+    log_p: Float[Tensor, "B V"], generator: torch.Generator | None
+) -> tuple[Int[Tensor, " B"], Bool[Tensor, ""]]:
+    """:func:`draw` without a host sync: the token, and whether every row had mass."""
     cdf = torch.cumsum(log_p.exp().double(), dim=-1)
     total = cdf[:, -1:]
-    if not bool((total > 0).all()):
-        raise FloatingPointError("a next-token distribution has no mass (all logits −inf or NaN)")
-    # Drawn where the generator lives (a CPU generator also drives a GPU model).
+    # Drawn where the generator lives. A generator on the model's device (what
+    # kltune.train makes) keeps the draw there; a CPU generator also drives a GPU
+    # model, at the cost of a host-to-device copy per token.
     device = generator.device if generator is not None else cdf.device
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=device, dtype=cdf.dtype)
     u = u.to(cdf.device)
     # The first index whose cumulative mass exceeds u·total: P(i) = p_i / total,
     # and a token of probability 0 (flat cdf) is never the first to exceed it.
     token = torch.searchsorted(cdf, u * total, right=True)
-    return token.clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+    return token.clamp(max=cdf.shape[-1] - 1).squeeze(-1), (total > 0).all()
