@@ -84,6 +84,19 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """The GPU check (under 8 minutes on one GPU): the device tests on CUDA, then kltune
+    against TRL at 64x64 and 256x64 tokens in fp32 and bf16; writes results/gpu/.
+
+    On a machine without a GPU: ``nox -s gpu -- --device cpu --dry-run --out /tmp/gpu``.
+    """
+    install(session, "test")
+    session.install("trl==1.12.0")
+    args = session.posargs or ["--out", "results/gpu"]
+    session.run("python", "benchmarks/gpu.py", *args, env={"TRL_EXPERIMENTAL_SILENCE": "1"})
+
+
+@nox.session(python=PYTHON)
 def benchmark(session: nox.Session) -> None:
     """kltune against TRL's PPOTrainer on the same work (about 25 minutes on 2 cores).
 

@@ -22,6 +22,7 @@ iterations alone, and for kltune the time per phase.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -54,10 +55,44 @@ class Work:
     kl_coef: float = 0.05
     threads: int = 2
     seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"  # or "bf16": autocast for sampling and scoring (both libraries)
+    model: str = "embedded"  # or "tiny": a random 2-layer Llama (dry runs)
 
     @property
     def name(self) -> str:
         return f"{self.completions}x{self.new_tokens}"
+
+    @property
+    def cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+
+def load_models(work: Work, copies: int) -> tuple[list[Any], Any]:
+    """``copies`` identical causal LMs (policy, reference, ...) and the tokenizer, on the CPU."""
+    import kltune
+
+    if work.model == "tiny":
+        pairs = [kltune.tiny_random_model("llama", seed=work.seed) for _ in range(copies)]
+    else:
+        pairs = [kltune.load_model(work.model) for _ in range(copies)]
+    return [model for model, _ in pairs], pairs[0][1]
+
+
+def reset_peak_memory(work: Work) -> None:
+    """Start the peak-memory count of the iterations (RSS, and CUDA's allocator on a GPU)."""
+    reset_peak_rss()
+    if work.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(work: Work) -> dict[str, float]:
+    """Peak RSS, and on a GPU the peak of CUDA's allocator since :func:`reset_peak_memory`."""
+    out = peak_rss_mb()
+    if work.cuda:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 # ── measuring ───────────────────────────────────────────────────────────────
@@ -82,6 +117,12 @@ def peak_rss_mb() -> dict[str, float]:
     return {"peak_rss_mb": lifetime, "peak_rss_iterations_mb": since_reset}
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a phase's time is its own (no-op on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseClock:
     """Seconds spent in named phases, accumulated per iteration."""
 
@@ -97,10 +138,12 @@ class PhaseClock:
             yield
             return
         self.inside = True
+        _synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _synchronize()
             self.inside = False
             self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - start
 
@@ -171,8 +214,10 @@ def run_kltune(work: Work) -> dict[str, Any]:
     import kltune.loop as loop
 
     torch.manual_seed(work.seed)
-    model, tokenizer = kltune.load_model("embedded")
-    policy = kltune.Policy(model, tokenizer, value_head=True)
+    (model,), tokenizer = load_models(work, 1)
+    model.to(work.device)
+    autocast = torch.bfloat16 if work.precision == "bf16" else None
+    policy = kltune.Policy(model, tokenizer, value_head=True, autocast_dtype=autocast)
     reference = kltune.FrozenReference(policy)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=work.lr, eps=1e-8, weight_decay=0.0, fused=True
@@ -208,9 +253,9 @@ def run_kltune(work: Work) -> dict[str, Any]:
     # backward: the same update, without a model's worth of gradients alive.
     blocks = kltune.accel.prepare(blocks, step_in_backward=True)
     blocks = dataclasses.replace(blocks, backward=_TimedStepping(blocks.backward, clock))
-    generator = torch.Generator().manual_seed(work.seed)
-    reset_peak_rss()
-    seconds, rewards, kls = [], [], []
+    generator = torch.Generator(device=work.device).manual_seed(work.seed)
+    reset_peak_memory(work)
+    seconds, rewards, kls, tokens = [], [], [], []
     prompt_length = 0
     for iteration in range(work.iterations):
         start = time.perf_counter()
@@ -221,6 +266,7 @@ def run_kltune(work: Work) -> dict[str, Any]:
         clock.close_iteration()
         rewards.append(metrics["reward/score_mean"])
         kls.append(metrics["kl/mean"])
+        tokens.append(int(rollout.response_mask.sum()))
         prompt_length = max(prompt_length, rollout.prompt_ids.shape[1])
         print(f"kltune {work.name} iteration {iteration}: {seconds[-1]:.2f} s", flush=True)
     flops = training_flops(model, work.completions, prompt_length, work.new_tokens)
@@ -229,8 +275,9 @@ def run_kltune(work: Work) -> dict[str, Any]:
         "phases": clock.history,
         "reward": rewards,
         "kl": kls,
+        "generated_tokens": tokens,
         "train_flops": flops,
-    }
+    } | peak_memory(work)
 
 
 def run_trl(work: Work) -> dict[str, Any]:
@@ -243,10 +290,14 @@ def run_trl(work: Work) -> dict[str, Any]:
     from kltune.loading import _resolve
 
     torch.manual_seed(work.seed)
-    model, tokenizer = kltune.load_model("embedded")
-    folder = _resolve("embedded")
-    reference, _ = kltune.load_model("embedded")
-    value_model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
+    (model, reference), tokenizer = load_models(work, 2)
+    if work.model == "tiny":
+        config = copy.deepcopy(model.config)
+        config.num_labels = 1
+        value_model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        folder = _resolve(work.model)
+        value_model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
     nn.init.zeros_(value_model.score.weight)  # like kltune's zero-initialised value head
     value_model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -262,10 +313,12 @@ def run_trl(work: Work) -> dict[str, Any]:
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            reset_peak_rss()
+            reset_peak_memory(work)
             self.last = time.perf_counter()
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            if work.cuda:
+                torch.cuda.synchronize()
             now = time.perf_counter()
             seconds.append(now - self.last)
             clock.close_iteration()
@@ -296,7 +349,8 @@ def run_trl(work: Work) -> dict[str, Any]:
             num_sample_generations=0,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=not work.cuda,
+            bf16=work.precision == "bf16",
             seed=work.seed,
             disable_tqdm=True,
             logging_strategy="no",
@@ -315,7 +369,11 @@ def run_trl(work: Work) -> dict[str, Any]:
         trainer.accelerator.backward = clock.timed("backward", trainer.accelerator.backward)
         trainer.optimizer.step = clock.timed("optimiser", trainer.optimizer.step)
         trainer.train()
-    return {"seconds": seconds, "phases": clock.history, "reward": reward_model.means}
+    return {
+        "seconds": seconds,
+        "phases": clock.history,
+        "reward": reward_model.means,
+    } | peak_memory(work)
 
 
 def _time_trl_phases(module: Any, clock: PhaseClock, value_model: torch.nn.Module) -> None:
@@ -396,7 +454,7 @@ class VaderRewardModel(torch.nn.Module):
             text, length = self._prompt_of(real)
             prompts.append(text)
             completions.append(self.tokenizer.decode(real[length:], skip_special_tokens=True))
-        values = self.vader(prompts, completions).float()
+        values = self.vader(prompts, completions).float().to(input_ids.device)
         self.means.append(float(values.mean()))
         return values[:, None, None].expand(-1, input_ids.shape[1], 1)
 
@@ -413,7 +471,7 @@ WORKERS = {"kltune": run_kltune, "trl": run_trl}
 def worker(library: str, work: Work, out: Path) -> None:
     torch.set_num_threads(work.threads)
     result = WORKERS[library](work)
-    result |= peak_rss_mb() | {"library": library, "work": asdict(work)}
+    result |= {"library": library, "work": asdict(work)}
     result["torch_threads"] = torch.get_num_threads()
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -8,7 +8,8 @@ contract below: the logprobs it returns are those of the distribution it drew
 each token from, or PPO's ratio compares two different policies. The loop
 checks it every iteration: ``policy/first_ratio_error`` is the largest
 ``|ratio − 1|`` of the first minibatch, before any update, and
-:func:`kltune.loop.warn_if_unhealthy` warns when it exceeds 1e-3.
+:func:`kltune.loop.warn_if_unhealthy` warns when it exceeds
+:data:`kltune.loop.MAX_FIRST_RATIO_ERROR`.
 """
 
 from collections.abc import Callable
