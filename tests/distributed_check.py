@@ -56,18 +56,7 @@ def one_update(blocks: kltune.Blocks, state: kltune.LoopState, rollout: kltune.R
 
 
 def _blocks(device: torch.device) -> tuple[kltune.Blocks, kltune.LoopState]:
-    blocks, state = tiny_blocks(value_head=True, baseline=kltune.GAEBaseline())
-    if device.type == "cpu":
-        return blocks, state
-    blocks.policy.to(device)
-    moved = kltune.Blocks(
-        policy=blocks.policy,
-        reference=kltune.FrozenReference(blocks.policy),
-        reward_fn=blocks.reward_fn,
-        objective=blocks.objective,
-        optimizer=torch.optim.Adam(blocks.policy.parameters(), lr=1e-2),
-    )
-    return moved, state
+    return tiny_blocks(value_head=True, baseline=kltune.GAEBaseline(), device=device)
 
 
 def _weights(blocks: kltune.Blocks) -> dict[str, torch.Tensor]:

@@ -50,9 +50,12 @@ def tiny_blocks(
     controller: kltune.KLController | None = None,
     lr: float = 1e-2,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[kltune.Blocks, kltune.LoopState]:
-    """A tiny random policy with a frozen reference and a reward that likes the letter 'a'."""
+    """A tiny random policy on ``device`` with a frozen reference and a reward that likes
+    the letter 'a'."""
     model, tokenizer = kltune.tiny_random_model(architecture, seed=seed)
+    model.to(device)
     torch.manual_seed(seed)
     policy = kltune.Policy(model, tokenizer, value_head=value_head)
     blocks = kltune.Blocks(

@@ -88,14 +88,8 @@ def test_a_device_generator_makes_sampling_reproducible(device: torch.device) ->
 def test_a_ppo_iteration_on_the_device_trains_the_policy_and_not_the_reference(
     device: torch.device,
 ) -> None:
-    blocks, state = tiny_blocks(value_head=True, baseline=kltune.GAEBaseline(lam=0.95))
-    blocks.policy.to(device)
-    blocks = kltune.Blocks(
-        policy=blocks.policy,
-        reference=kltune.FrozenReference(blocks.policy),
-        reward_fn=letter_reward,
-        objective=blocks.objective,
-        optimizer=torch.optim.Adam(blocks.policy.parameters(), lr=1e-2),
+    blocks, state = tiny_blocks(
+        value_head=True, baseline=kltune.GAEBaseline(lam=0.95), device=device
     )
     before = {k: v.clone() for k, v in blocks.policy.state_dict().items()}
     reference = [p.clone() for p in blocks.reference.model.parameters()]  # type: ignore[attr-defined]
@@ -116,8 +110,7 @@ def test_a_ppo_iteration_on_the_device_trains_the_policy_and_not_the_reference(
 
 def test_zero_advantages_move_nothing_on_the_device(device: torch.device) -> None:
     # No KL term in the loss and no advantage: the clipped surrogate's gradient is 0.
-    blocks, state = tiny_blocks()
-    blocks.policy.to(device)
+    blocks, state = tiny_blocks(device=device)
     policy = blocks.policy
     rollout = policy.rollout(PROMPTS, max_new_tokens=6, generator=_gen(device))
     rollout = rollout.replace(
@@ -177,15 +170,7 @@ def test_the_reference_may_live_on_another_device(
 
 def _train(device: torch.device, out: Path, iterations: int, **options) -> kltune.Blocks:
     blocks, state = tiny_blocks(
-        controller=kltune.AdaptiveKLController(beta=0.1, target=1.0, horizon=10)
-    )
-    blocks.policy.to(device)
-    blocks = kltune.Blocks(
-        policy=blocks.policy,
-        reference=kltune.FrozenReference(blocks.policy),
-        reward_fn=letter_reward,
-        objective=blocks.objective,
-        optimizer=torch.optim.Adam(blocks.policy.parameters(), lr=1e-2),
+        controller=kltune.AdaptiveKLController(beta=0.1, target=1.0, horizon=10), device=device
     )
     kltune.train(
         PROMPTS[:3],
