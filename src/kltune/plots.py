@@ -376,14 +376,14 @@ def plot_frontier(
                 fontsize=7,
                 color="0.35",
             )
-    for color, (arm, n_seeds, (kl, kl_sd), (reward, reward_sd)) in enumerate(points):
+    for i, (arm, n_seeds, (kl, kl_sd), (reward, reward_sd)) in enumerate(points):
         ax.errorbar(
             kl,
             reward,
             xerr=kl_sd,
             yerr=reward_sd,
-            fmt="o",
-            color=f"C{color % 10}",
+            fmt="osD^v"[i // 10 % 5],  # past ten arms the colours repeat: the marker differs
+            color=f"C{i % 10}",
             capsize=3,
             label=_arm_label(arm, n_seeds),
         )
