@@ -17,6 +17,7 @@ import torch
 
 import kltune
 import kltune.functional as KF
+from conftest import NO_CUDA
 from helpers import letter_reward, tiny_blocks
 from kltune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kltune.loop import optimise, ppo_iteration
@@ -24,7 +25,6 @@ from kltune.plots import read_metrics
 from kltune.sampler import KVCacheSampler
 
 PROMPTS = ["The movie", "A film about", "I think", ""]
-CUDA = torch.cuda.is_available()
 PRECISIONS = {"f32": (None, 1e-4), "bf16": (torch.bfloat16, 0.05)}
 
 
@@ -132,9 +132,7 @@ def test_zero_advantages_move_nothing_on_the_device(device: torch.device) -> Non
 
 
 DEVICE_PAIRS = [
-    pytest.param(
-        p, r, marks=[] if "cuda" not in (p, r) or CUDA else pytest.mark.skip("no CUDA device")
-    )
+    pytest.param(p, r, marks=NO_CUDA if "cuda" in (p, r) else [])
     for p, r in itertools.product(["cpu", "cuda"], repeat=2)
 ]
 
@@ -205,7 +203,7 @@ def test_resume_on_the_device_reproduces_the_uninterrupted_run(
     assert timeless[0] == timeless[1]
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@NO_CUDA
 def test_a_cpu_generator_state_is_refused_by_a_cuda_run(tmp_path: Path) -> None:
     blocks, state = tiny_blocks()
     path = save_checkpoint(

@@ -270,6 +270,26 @@ def _check_optimizer_state(path: Path, state: Any, optimizer: torch.optim.Optimi
         )
 
 
+def _generator_state(path: Path, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """Process ``rank``'s generator state from ``rng.pt``, checked to fit ``generator``."""
+    rng = _read(path / "rng.pt", _torch_load)
+    if isinstance(rng, list):
+        if rank >= len(rng):
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run of {len(rng)} processes; "
+                f"it holds no random state for process {rank}"
+            )
+        rng = rng[rank]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise CheckpointError(f"checkpoint file {path / 'rng.pt'} holds no generator state")
+    if rng.numel() != generator.get_state().numel():
+        raise CheckpointError(
+            f"checkpoint {path} holds the state of a generator of another kind than this "
+            f"run's (on {generator.device}): resume on the device type the run started on"
+        )
+    return rng
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -308,16 +328,7 @@ def load_checkpoint(
         baseline_weights = _read(path / "baseline.safetensors", load_safetensors)
         _check_finite(path / "baseline.safetensors", baseline_weights)
     optimizer_state = _read(path / "optimizer.pt", _torch_load)
-    rng = _read(path / "rng.pt", _torch_load)
-    if isinstance(rng, list):
-        if rank >= len(rng):
-            raise CheckpointError(
-                f"checkpoint {path} was written by a run of {len(rng)} processes; "
-                f"it holds no random state for process {rank}"
-            )
-        rng = rng[rank]
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
-        raise CheckpointError(f"checkpoint file {path / 'rng.pt'} holds no generator state")
+    rng = _generator_state(path, rank, generator)
     _check_optimizer_state(path / "optimizer.pt", optimizer_state, optimizer)
     value_state = None
     if value_optimizer is not None:
@@ -335,11 +346,6 @@ def load_checkpoint(
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path / 'state.json'} is not a valid run state: {error}") from None
-    if rng.numel() != generator.get_state().numel():
-        raise CheckpointError(
-            f"checkpoint {path} holds the state of a generator of another kind than this "
-            f"run's (on {generator.device}): resume on the device type the run started on"
-        )
     # Everything is read and valid: now change the blocks.
     policy.load_state_dict(weights, strict=False)
     if isinstance(baseline, nn.Module) and baseline_weights is not None:

@@ -79,11 +79,6 @@ class DataParallel:
     scorer: Scorer | None = None
     all_reduce: AllReduce = one_process
 
-    @property
-    def single(self) -> bool:
-        """True for one process (cross-process sums are skipped)."""
-        return self.all_reduce is one_process
-
 
 ONE_PROCESS = DataParallel()
 """The default :class:`DataParallel`: one process, the policy scores itself."""

@@ -170,10 +170,11 @@ class KVCacheSampler:
             value = None if hidden is None else policy.values_from_hidden(hidden)
             token = token.masked_fill(done, policy.pad_token_id)
             steps.append((token, chosen, ~done, value))
+            if eos is not None:
+                done = done | (token == eos)
             if len(steps) == max_new_tokens:
                 break  # (no forward for a token that will not be drawn)
             if eos is not None:
-                done = done | (token == eos)
                 # The one host sync per token: have all rows ended? The health
                 # flags ride along, so bad weights stop sampling at once.
                 finished, *health = torch.stack([done.all(), has_mass, finite]).tolist()
@@ -183,8 +184,6 @@ class KVCacheSampler:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
             logits, hidden = self.step(decoding, token[:, None], mask, position)
-        if eos is not None and len(steps) == max_new_tokens:
-            done = done | (steps[-1][0] == eos)
         _check_health(*torch.stack([has_mass, finite]).tolist())
         return _stack_steps(steps, done)
 
