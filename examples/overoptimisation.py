@@ -246,10 +246,20 @@ def ppo_arm(beta: float) -> Arm:
     )
 
 
-ARMS = [ppo_arm(beta) for beta in (0.0, 0.05, 0.2)]
+# β = 0 once more for twice the iterations: does its gold turn down past 60?
+LONG = dataclasses.replace(ppo_arm(0.0), name="beta=0 long")
+ARMS = [ppo_arm(beta) for beta in (0.0, 0.05, 0.2)] + [LONG]
 
 
-PPO_ARGS = argparse.Namespace(**vars(args) | {"out": args.out / "ppo"})
+def ppo_args(arm: Arm) -> argparse.Namespace:
+    """The run settings of a PPO arm: its folder under ppo/, its iterations."""
+    iterations = args.iterations * (2 if arm.name == LONG.name else 1)
+    return argparse.Namespace(**vars(args) | {"out": args.out / "ppo", "iterations": iterations})
+
+
+def ppo_runs(arm: Arm) -> list[Path]:
+    """The folders of the arm's finished runs."""
+    return finished(arm, ppo_args(arm))
 
 
 STAGES = ["reward model", "DPO"]  # --arms may also name these: "reward model" fits only
@@ -260,16 +270,16 @@ if args.arms and set(args.arms) - set(STAGES) - {arm.name for arm in ARMS}:
 def run_ppo(proxy: kltune.RewardFn) -> None:
     chosen = [arm for arm in ARMS if not args.arms or arm.name in args.arms]
     for arm in chosen:
-        done = {folder.name for folder in finished(arm, PPO_ARGS)}
+        done = {folder.name for folder in ppo_runs(arm)}
         for seed in args.seeds:
-            out = PPO_ARGS.out / arm.name / f"seed{seed}"
+            out = ppo_args(arm).out / arm.name.replace(" ", "_") / f"seed{seed}"
             if f"seed{seed}" not in done:  # a new or interrupted run: its gold log restarts
                 (out / "gold.jsonl").unlink(missing_ok=True)
                 out.mkdir(parents=True, exist_ok=True)
             with_gold = dataclasses.replace(
                 arm, reward=lambda out=out: ProxyWithGold(proxy, out / "gold.jsonl")
             )
-            run_arm(with_gold, PPO_ARGS, seed)
+            run_arm(with_gold, ppo_args(arm), seed)
 
 
 def ppo_trajectories() -> dict[str, list[dict[str, list[float]]]]:
@@ -277,7 +287,7 @@ def ppo_trajectories() -> dict[str, list[dict[str, list[float]]]]:
     runs = {}
     for arm in ARMS:
         seeds = []
-        for folder in finished(arm, PPO_ARGS):
+        for folder in ppo_runs(arm):
             metrics = read_metrics(folder / "metrics.jsonl")
             gold = [json.loads(line) for line in (folder / "gold.jsonl").read_text().splitlines()]
             kl = [max(float(m["kl/mean"]), 0.0) for m in metrics]
@@ -299,7 +309,7 @@ def ppo_snapshots() -> dict[str, list[dict[str, list[float]]]]:
     runs = {}
     for arm in ARMS:
         seeds = []
-        for folder in finished(arm, PPO_ARGS):
+        for folder in ppo_runs(arm):
             kl = [max(float(m["kl/mean"]), 0.0) for m in read_metrics(folder / "metrics.jsonl")]
             rows: dict[str, list[float]] = {"iteration": [], "sqrt_kl": [], "leaves": [],
                                             "gold": [], "strict_gold": []}  # fmt: skip
@@ -551,7 +561,7 @@ def evaluation(rm: RewardModel, samples, sets: dict[str, tuple]) -> dict:
 
 def runs_section(rm_summary: dict, dpo: list[dict]) -> list[str]:
     """What ran: the command, the seeds and the wall time of every stage."""
-    seeds = sorted({int(f.name[4:]) for arm in ARMS for f in finished(arm, PPO_ARGS)})
+    seeds = sorted({int(f.name[4:]) for arm in ARMS for f in ppo_runs(arm)})
     reference = json.loads((args.out / "reference_samples.json").read_text())
     lines = ["", "## Runs", "", "```",
              f"python examples/overoptimisation.py --iterations {args.iterations} "
@@ -560,11 +570,13 @@ def runs_section(rm_summary: dict, dpo: list[dict]) -> list[str]:
              f"- π_ref's samples: {reference['wall_seconds'] / 60:.1f} min; "
              f"the reward model's fit: {rm_summary['wall_seconds'] / 60:.1f} min on "
              f"{rm_summary['train_pairs']} pairs.",
+             f"- `{LONG.name}` is β = 0 run for {2 * args.iterations} iterations, the others "
+             f"{args.iterations}.",
              "- Best-of-n needs no seeds: it is the exact expectation over the n-subsets of "
              f"the {POOL} held-back samples of each prompt.",
              *(f"- DPO seed {r['seed']}: {r['wall_seconds'] / 60:.1f} min." for r in dpo),
              "", "PPO (wall time depends on what ran beside: two runs at a time here):", "",
-             *describe_run({arm.name: finished(arm, PPO_ARGS) for arm in ARMS})]  # fmt: skip
+             *describe_run({arm.name: ppo_runs(arm) for arm in ARMS})]  # fmt: skip
     return lines
 
 
