@@ -15,11 +15,13 @@ RLHF offline, with a hidden *gold* judge standing in for people:
 4. The proxy reward (the reward model, scaled to unit spread on π_ref's samples)
    is optimised three ways on prompts 0-7, which it never saw:
    best-of-n from the 64 held-back samples (n = 1..64, KL = log n − (n−1)/n);
-   PPO at several fixed β (gold logged beside the proxy every iteration); DPO on
-   the same training pairs (one point).
+   PPO at several fixed β (gold logged beside the proxy every iteration; β = 0
+   also for twice the iterations); DPO on the same training pairs (one point).
 5. The report plots gold and proxy reward against √KL with Gao et al.'s curves
    fitted, R_bon(d) = d(α − βd) and R_RL(d) = d(α − β log d), and writes
-   overoptimisation.md.
+   overoptimisation.md. It also measures, on the logged completions, a hack the
+   gold judge cannot see (ending the review and opening a new chat turn), and a
+   strict gold that vetoes it.
 
 Every stage is cached in --out and skipped when done, so a later session adds
 only what is missing.
