@@ -15,11 +15,13 @@ RLHF offline, with a hidden *gold* judge standing in for people:
 4. The proxy reward (the reward model, scaled to unit spread on π_ref's samples)
    is optimised three ways on prompts 0-7, which it never saw:
    best-of-n from the 64 held-back samples (n = 1..64, KL = log n − (n−1)/n);
-   PPO at several fixed β (gold logged beside the proxy every iteration); DPO on
-   the same training pairs (one point).
+   PPO at several fixed β (gold logged beside the proxy every iteration; β = 0
+   also for twice the iterations); DPO on the same training pairs (one point).
 5. The report plots gold and proxy reward against √KL with Gao et al.'s curves
    fitted, R_bon(d) = d(α − βd) and R_RL(d) = d(α − β log d), and writes
-   overoptimisation.md.
+   overoptimisation.md. It also measures, on the logged completions, a hack the
+   gold judge cannot see (ending the review and opening a new chat turn), and a
+   strict gold that vetoes it.
 
 Every stage is cached in --out and skipped when done, so a later session adds
 only what is missing.
@@ -35,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +48,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import peft
 import torch
-from experiment import Arm, finished, load, parse_args, run_arm
+from experiment import Arm, describe_run, finished, load, parse_args, run_arm
 
 import kltune
 import kltune.functional as KF
@@ -83,6 +86,24 @@ def gold_judge() -> kltune.RewardFn:
 
 def distinct_characters(prompts: list[str], completions: list[str]) -> list[float]:
     return [float(len(set(c))) for c in completions]
+
+
+# SmolLM2's chat template, decoded without its special tokens: a completion sampled
+# past <|im_end|> (stop_at_eos=False) that opens a new turn reads "…\nsystem\n\nuser\n…"
+NEW_TURN = re.compile(r"\n(system|user|assistant)\n")
+
+
+def leaves_review(completion: str) -> bool:
+    """Whether the completion ends the review and opens a new chat turn."""
+    return NEW_TURN.search(completion) is not None
+
+
+def strict_gold(prompts: list[str], completions: list[str]) -> list[float]:
+    """The gold judge with a veto it lacks: a person who asked for a movie review
+    gives a completion that leaves it for a new chat turn the worst sentiment, -1.
+    Applied after the runs, to the completions they logged (the runs never saw it)."""
+    gold = gold_judge()(prompts, completions)
+    return [-1.0 if leaves_review(c) else float(g) for g, c in zip(gold, completions, strict=True)]
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -180,18 +201,22 @@ def accuracy_table(rm: RewardModel, sets: dict[str, tuple]) -> list[str]:
 
 # --------------------------------------------------------------- 4a. best-of-n
 def best_of_n(rm: RewardModel, samples, scale: float) -> dict[int, dict[str, float]]:
+    """Best-of-n's KL, proxy, gold, strict gold and share of completions that leave the
+    review, each the exact expectation over the n-subsets of the 64 held-back samples."""
     prompts = [PROMPTS[i] for i in OPTIMISED]
     flat = [(p, c) for p in prompts for c in samples[p]]
     ps, cs = [p for p, _ in flat], [c for _, c in flat]
     proxy = (rm(ps, cs) / scale).double().reshape(len(prompts), POOL)
-    gold = torch.as_tensor(gold_judge()(ps, cs)).double().reshape(len(prompts), POOL)
+    values = {
+        "gold": gold_judge()(ps, cs),
+        "strict_gold": strict_gold(ps, cs),
+        "leaves": [float(leaves_review(c)) for c in cs],
+    }
+    values = {k: torch.as_tensor(v).double().reshape(len(prompts), POOL) for k, v in values.items()}
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= POOL]
     return {
-        n: {
-            "kl": KF.best_of_n_kl(n),
-            "proxy": float(KF.expected_best_of_n(proxy, n).mean()),
-            "gold": float(KF.expected_best_of_n(proxy, n, values=gold).mean()),
-        }
+        n: {"kl": KF.best_of_n_kl(n), "proxy": float(KF.expected_best_of_n(proxy, n).mean())}
+        | {k: float(KF.expected_best_of_n(proxy, n, values=v).mean()) for k, v in values.items()}
         for n in ns
     }
 
@@ -223,10 +248,20 @@ def ppo_arm(beta: float) -> Arm:
     )
 
 
-ARMS = [ppo_arm(beta) for beta in (0.0, 0.05, 0.2)]
+# β = 0 once more for twice the iterations: does its gold turn down past 60?
+LONG = dataclasses.replace(ppo_arm(0.0), name="beta=0 long")
+ARMS = [ppo_arm(beta) for beta in (0.0, 0.05, 0.2)] + [LONG]
 
 
-PPO_ARGS = argparse.Namespace(**vars(args) | {"out": args.out / "ppo"})
+def ppo_args(arm: Arm) -> argparse.Namespace:
+    """The run settings of a PPO arm: its folder under ppo/, its iterations."""
+    iterations = args.iterations * (2 if arm.name == LONG.name else 1)
+    return argparse.Namespace(**vars(args) | {"out": args.out / "ppo", "iterations": iterations})
+
+
+def ppo_runs(arm: Arm) -> list[Path]:
+    """The folders of the arm's finished runs."""
+    return finished(arm, ppo_args(arm))
 
 
 STAGES = ["reward model", "DPO"]  # --arms may also name these: "reward model" fits only
@@ -237,16 +272,16 @@ if args.arms and set(args.arms) - set(STAGES) - {arm.name for arm in ARMS}:
 def run_ppo(proxy: kltune.RewardFn) -> None:
     chosen = [arm for arm in ARMS if not args.arms or arm.name in args.arms]
     for arm in chosen:
-        done = {folder.name for folder in finished(arm, PPO_ARGS)}
+        done = {folder.name for folder in ppo_runs(arm)}
         for seed in args.seeds:
-            out = PPO_ARGS.out / arm.name / f"seed{seed}"
+            out = ppo_args(arm).out / arm.name.replace(" ", "_") / f"seed{seed}"
             if f"seed{seed}" not in done:  # a new or interrupted run: its gold log restarts
                 (out / "gold.jsonl").unlink(missing_ok=True)
                 out.mkdir(parents=True, exist_ok=True)
             with_gold = dataclasses.replace(
                 arm, reward=lambda out=out: ProxyWithGold(proxy, out / "gold.jsonl")
             )
-            run_arm(with_gold, PPO_ARGS, seed)
+            run_arm(with_gold, ppo_args(arm), seed)
 
 
 def ppo_trajectories() -> dict[str, list[dict[str, list[float]]]]:
@@ -254,7 +289,7 @@ def ppo_trajectories() -> dict[str, list[dict[str, list[float]]]]:
     runs = {}
     for arm in ARMS:
         seeds = []
-        for folder in finished(arm, PPO_ARGS):
+        for folder in ppo_runs(arm):
             metrics = read_metrics(folder / "metrics.jsonl")
             gold = [json.loads(line) for line in (folder / "gold.jsonl").read_text().splitlines()]
             kl = [max(float(m["kl/mean"]), 0.0) for m in metrics]
@@ -268,6 +303,41 @@ def ppo_trajectories() -> dict[str, list[dict[str, list[float]]]]:
         if seeds:
             runs[arm.name] = seeds
     return runs
+
+
+def ppo_snapshots() -> dict[str, list[dict[str, list[float]]]]:
+    """arm → per seed, at each iteration whose completions were logged: √KL, the
+    share that leave the review, and their gold and strict gold."""
+    runs = {}
+    for arm in ARMS:
+        seeds = []
+        for folder in ppo_runs(arm):
+            kl = [max(float(m["kl/mean"]), 0.0) for m in read_metrics(folder / "metrics.jsonl")]
+            rows: dict[str, list[float]] = {"iteration": [], "sqrt_kl": [], "leaves": [],
+                                            "gold": [], "strict_gold": []}  # fmt: skip
+            for line in (folder / "samples.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                ps = [r["prompt"] for r in record["samples"]]
+                cs = [r["completion"] for r in record["samples"]]
+                rows["iteration"].append(record["iteration"])
+                rows["sqrt_kl"].append(math.sqrt(kl[record["iteration"] - 1]))
+                for key, values in judged_texts(ps, cs).items():
+                    rows[key].append(values)
+            seeds.append(rows)
+        if seeds:
+            runs[arm.name] = seeds
+    return runs
+
+
+def judged_texts(prompts: list[str], completions: list[str]) -> dict[str, float]:
+    """The share of the completions that leave the review, and their mean gold and
+    strict gold."""
+    count = len(completions)
+    return {
+        "leaves": sum(map(leaves_review, completions)) / count,
+        "gold": sum(gold_judge()(prompts, completions)) / count,
+        "strict_gold": sum(strict_gold(prompts, completions)) / count,
+    }
 
 
 # --------------------------------------------------------------- 4c. DPO on the same pairs
@@ -292,7 +362,8 @@ def run_dpo(train, held_out, rm: RewardModel, scale: float) -> None:
 
 
 def evaluate_policy(policy, reference, rm, scale, seed) -> dict[str, float]:
-    """KL to π_ref (sequence k1), proxy and gold of 16 samples per optimised prompt."""
+    """KL to π_ref (sequence k1), proxy and gold of 16 samples per optimised prompt
+    (the samples kept for the report's strict gold)."""
     prompts = [PROMPTS[i] for i in OPTIMISED]
     rollout = policy.rollout(
         prompts,
@@ -309,8 +380,19 @@ def evaluate_policy(policy, reference, rm, scale, seed) -> dict[str, float]:
         "kl": float(kl),
         "proxy": float((rm(ps, cs) / scale).mean()),
         "gold": float(torch.as_tensor(gold_judge()(ps, cs)).mean()),
-        "samples": cs[:: 4 if args.smoke else 16],
+        "prompts": ps,
+        "samples": cs,
     }
+
+
+def dpo_texts(result: dict) -> tuple[list[str], list[str]]:
+    """A DPO result's (prompts, completions); results written before prompts were
+    kept hold one completion per optimised prompt, or 16 of each in prompt order."""
+    completions = result["samples"]
+    if "prompts" in result:
+        return result["prompts"], completions
+    each = len(completions) // len(OPTIMISED)
+    return [PROMPTS[i] for i in OPTIMISED for _ in range(each)], completions
 
 
 # --------------------------------------------------------------- 5. report
@@ -346,63 +428,158 @@ def mean_over_seeds(seeds: list[dict[str, list[float]]], key: str) -> list[float
     return [sum(s[key][i] for s in seeds) / len(seeds) for i in range(length)]
 
 
-def report(bon, ppo, dpo, table) -> list[str]:
-    gold_at_ref = bon[1]["gold"]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+def report(bon, ppo, snapshots, dpo) -> list[str]:
+    """Draw overoptimisation.png (gold, proxy, strict gold and the share of completions
+    that leave the review, against √KL) and return the report's peak tables."""
+    figure, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
     bon_d = [math.sqrt(v["kl"]) for v in bon.values()]
+    bon_of = {
+        key: [v[key] for v in bon.values()] for key in ("proxy", "gold", "strict_gold", "leaves")
+    }
     lines = ["", "## Where the gold reward peaks", "",
-             "| optimiser | fitted α | fitted β | √KL at the fitted peak | √KL at the best measured gold | best gold |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    curve_d = torch.linspace(0, max([*bon_d, 1.0]) * 1.05, 200, dtype=torch.float64)
-    series = [("best-of-n", bon_d, [v["proxy"] for v in bon.values()],
-               [v["gold"] for v in bon.values()], "best_of_n")]  # fmt: skip
+             "Gao et al.'s curves fitted to the gold gain over π_ref: d(α − βd) for best-of-n, "
+             "d(α − β log d) for PPO (d = √KL; PPO's curve is the mean over seeds).", "",
+             "| optimiser | judge | fitted α | fitted β | √KL at the fitted peak | "
+             "√KL at the best measured | best measured |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    # (label, form, √KL, {panel key: values}) per optimiser; PPO's strict gold and
+    # share leaving come from the logged completions, at their own iterations
+    series = [("best-of-n", "best_of_n", bon_d, bon_of)]
     for name, seeds in ppo.items():
-        d, proxy, gold = (mean_over_seeds(seeds, k) for k in ("sqrt_kl", "proxy", "gold"))
-        series.append(
-            (f"PPO {name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})", d, proxy, gold, "rl")
-        )
-        curve_d = torch.linspace(0, max([*d, float(curve_d[-1])]) * 1.05, 200, dtype=torch.float64)
-    for label, d, proxy, gold, form in series:
+        label = f"PPO {name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+        logged = snapshots[name]
+        series.append((label, "rl", mean_over_seeds(seeds, "sqrt_kl"),
+                       {k: mean_over_seeds(seeds, k) for k in ("proxy", "gold")}))  # fmt: skip
+        series.append((label, "rl", mean_over_seeds(logged, "sqrt_kl"),
+                       {k: mean_over_seeds(logged, k) for k in ("strict_gold", "leaves")}))  # fmt: skip
+    panels = {
+        "gold": axes[0, 0],
+        "proxy": axes[0, 1],
+        "strict_gold": axes[1, 0],
+        "leaves": axes[1, 1],
+    }
+    colours: dict[str, str] = {}
+    for label, form, d, values in series:
         style = {"marker": "o"} if form == "best_of_n" else {"alpha": 0.8}
-        (line,) = axes[0].plot(d, gold, label=label, **style)
-        axes[1].plot(d, proxy, color=line.get_color(), label=label, **style)
-        coefficients = fitted(list(zip(d, gold, strict=True)), form, gold_at_ref)
-        if coefficients is not None:
-            fit = KF.overoptimisation_curve(curve_d, torch.tensor(coefficients), form) + gold_at_ref
-            axes[0].plot(curve_d, fit, "--", color=line.get_color(), linewidth=1)
-        best = max(range(len(gold)), key=gold.__getitem__)
-        lines.append(
-            f"| {label} | {coefficients[0]:.3f} | {coefficients[1]:.3f} | "
-            f"{describe_peak(peak(coefficients, form), max(d))} | {d[best]:.2f} | {gold[best]:.3f} |"
-            if coefficients
-            else f"| {label} | | | | {d[best]:.2f} | {gold[best]:.3f} |"
-        )
+        for key, ys in values.items():
+            (line,) = panels[key].plot(d, ys, label=label, color=colours.get(label), **style)
+            colours[label] = line.get_color()
+            if key not in ("gold", "strict_gold"):
+                continue
+            at_ref = bon[1][key]
+            coefficients = fitted(list(zip(d, ys, strict=True)), form, at_ref)
+            if coefficients is not None:  # drawn a little past the points, not beyond
+                curve_d = torch.linspace(0, max(d) * 1.15, 100, dtype=torch.float64)
+                fit = KF.overoptimisation_curve(curve_d, torch.tensor(coefficients), form) + at_ref
+                panels[key].plot(curve_d, fit, "--", color=colours[label], linewidth=1)
+            best = max(range(len(ys)), key=ys.__getitem__)
+            judge = "gold" if key == "gold" else "strict gold"
+            fit_cells = (
+                f"{coefficients[0]:.3f} | {coefficients[1]:.3f} | "
+                f"{describe_peak(peak(coefficients, form), max(d))}"
+                if coefficients
+                else " | | "
+            )
+            lines.append(f"| {label} | {judge} | {fit_cells} | {d[best]:.2f} | {ys[best]:.3f} |")
+    dpo_rows = []
     for result in dpo:
         d = math.sqrt(max(result["kl"], 0.0))
-        axes[0].plot(
-            [d], [result["gold"]], "k*", markersize=12, label="DPO" if result is dpo[0] else None
-        )
-        axes[1].plot([d], [result["proxy"]], "k*", markersize=12)
-    for ax, what in zip(
-        axes, ("gold reward (the judge)", "proxy reward (the reward model)"), strict=True
-    ):
-        ax.set_xlabel("√KL(π ‖ π_ref)  (√nats)")
-        ax.set_ylabel(what)
+        row = judged_texts(*dpo_texts(result))  # the logged completions, for the table
+        dpo_rows.append((result, len(result["samples"]), row))
+        drawn = row | {"proxy": result["proxy"], "gold": result["gold"]}  # gold of all 128
+        for key, ax in panels.items():
+            ax.plot(
+                [d], [drawn[key]], "k*", markersize=12, label="DPO" if result is dpo[0] else None
+            )
+    titles = {"gold": "gold reward (the judge the pairs came from)",
+              "proxy": "proxy reward (the reward model)",
+              "strict_gold": "strict gold (a new chat turn scores −1; logged completions)",
+              "leaves": "share of completions that open a new chat turn"}  # fmt: skip
+    for key, ax in panels.items():
+        ax.set_title(titles[key], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].axhline(gold_at_ref, color="grey", linewidth=0.8)
-    axes[0].legend(fontsize=8)
+        if key != "proxy":
+            ax.axhline(bon[1][key], color="grey", linewidth=0.8)
+    for ax in axes[1]:
+        ax.set_xlabel("√KL(π ‖ π_ref)  (√nats)")
+    axes[0, 0].legend(fontsize=8)
     figure.suptitle("Optimising a learned reward: the proxy keeps rising, does the gold?")
     figure.tight_layout()
     figure.savefig(args.out / "overoptimisation.png", dpi=110)
     plt.close(figure)
-    dpo_lines = ["", "## DPO on the same pairs (β = 0.1)", "",
-                 "| seed | KL (nats) | proxy | gold |", "| ---: | ---: | ---: | ---: |",
-                 *(f"| {r['seed']} | {r['kl']:.2f} | {r['proxy']:.3f} | {r['gold']:.3f} |" for r in dpo)]  # fmt: skip
-    bon_lines = ["", "## Best-of-n from π_ref, chosen by the proxy", "",
-                 "| n | KL (nats) | proxy | gold |", "| ---: | ---: | ---: | ---: |",
-                 *(f"| {n} | {v['kl']:.3f} | {v['proxy']:.3f} | {v['gold']:.3f} |" for n, v in bon.items())]  # fmt: skip
-    return ["# Reward over-optimisation", "", "## The reward model", "", *table, *lines,
-            *bon_lines, *dpo_lines]  # fmt: skip
+    return [*lines, *unseen_table(bon, snapshots, dpo_rows)]
+
+
+def unseen_table(bon, snapshots, dpo_rows) -> list[str]:
+    """Where the completions leave the review: π_ref, best-of-64, each PPO arm at its
+    first and last logged iteration (mean over seeds), and DPO."""
+    lines = ["", "## What the gold judge does not see", "",
+             "A completion sampled past `<|im_end|>` that opens a new chat turn "
+             "(\"…\\nsystem\\n\\nuser\\nI'm considering…\") is no review, but VADER scores "
+             "its words like any other. The strict gold is the gold with that veto (−1), "
+             "applied after the runs to the completions they logged (8 per logged "
+             "iteration for PPO).", "",
+             "| policy | iteration | √KL | leaves the review | gold | strict gold |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    last = max(bon)
+    for n, name in ((1, "π_ref (best-of-1)"), (last, f"best-of-{last}")):
+        row = bon[n]
+        lines.append(f"| {name} | | {math.sqrt(row['kl']):.2f} | {row['leaves']:.3f} | "
+                     f"{row['gold']:.3f} | {row['strict_gold']:.3f} |")  # fmt: skip
+    for name, seeds in snapshots.items():
+        rows = {k: mean_over_seeds(seeds, k) for k in seeds[0]}
+        for i in sorted({0, len(rows["iteration"]) - 1}):
+            lines.append(
+                f"| PPO {name} ({len(seeds)} seed{'s' * (len(seeds) > 1)}) | "
+                f"{rows['iteration'][i]:.0f} | "
+                f"{rows['sqrt_kl'][i]:.2f} | {rows['leaves'][i]:.3f} | {rows['gold'][i]:.3f} | "
+                f"{rows['strict_gold'][i]:.3f} |"
+            )
+    for result, count, row in dpo_rows:
+        lines.append(f"| DPO seed {result['seed']} ({count} completions) | | "
+                     f"{math.sqrt(max(result['kl'], 0.0)):.2f} | {row['leaves']:.3f} | "
+                     f"{row['gold']:.3f} | {row['strict_gold']:.3f} |")  # fmt: skip
+    return lines
+
+
+def evaluation(rm: RewardModel, samples, sets: dict[str, tuple]) -> dict:
+    """The proxy's scale, the reward model's accuracy table and best-of-n: they depend
+    only on the fitted model and π_ref's samples, so they are computed once and kept
+    in reward_model/evaluation.json."""
+    path = args.out / "reward_model" / "evaluation.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        return cached | {"best_of_n": {int(n): v for n, v in cached["best_of_n"].items()}}
+    texts = [(PROMPTS[i], c) for i in OPTIMISED for c in samples[PROMPTS[i]]]
+    scale = float(rm([p for p, _ in texts], [c for _, c in texts]).std()) or 1.0
+    result = {
+        "scale": scale,
+        "accuracy": accuracy_table(rm, sets),
+        "best_of_n": best_of_n(rm, samples, scale),
+    }
+    write_json(path, result)
+    return result
+
+
+def runs_section(rm_summary: dict, dpo: list[dict]) -> list[str]:
+    """What ran: the command, the seeds and the wall time of every stage."""
+    seeds = sorted({int(f.name[4:]) for arm in ARMS for f in ppo_runs(arm)})
+    reference = json.loads((args.out / "reference_samples.json").read_text())
+    lines = ["", "## Runs", "", "```",
+             f"python examples/overoptimisation.py --iterations {args.iterations} "
+             f"--seeds {' '.join(map(str, seeds))} --threads {args.threads} --out {args.out}",
+             "```", "",
+             f"- π_ref's samples: {reference['wall_seconds'] / 60:.1f} min; "
+             f"the reward model's fit: {rm_summary['wall_seconds'] / 60:.1f} min on "
+             f"{rm_summary['train_pairs']} pairs.",
+             f"- `{LONG.name}` is β = 0 run for {2 * args.iterations} iterations, the others "
+             f"{args.iterations}.",
+             "- Best-of-n needs no seeds: it is the exact expectation over the n-subsets of "
+             f"the {POOL} held-back samples of each prompt.",
+             *(f"- DPO seed {r['seed']}: {r['wall_seconds'] / 60:.1f} min." for r in dpo),
+             "", "PPO (wall time depends on what ran beside: two runs at a time here):", "",
+             *describe_run({arm.name: ppo_runs(arm) for arm in ARMS})]  # fmt: skip
+    return lines
 
 
 samples = reference_samples()
@@ -410,26 +587,47 @@ train, train_flips = judged(samples, TRAIN, "train")
 held_out, held_out_flips = judged(samples, HELD_OUT, "held_out")
 optimised = judged(samples, OPTIMISED, "optimised")  # never trained on: a transfer test
 rm, rm_summary = reward_model(train, held_out)
-reference_texts = [(PROMPTS[i], c) for i in OPTIMISED for c in samples[PROMPTS[i]]]
-scale = float(rm([p for p, _ in reference_texts], [c for _, c in reference_texts]).std()) or 1.0
-proxy = kltune.weighted_sum((rm, 1.0 / scale))  # unit spread on π_ref's samples
-if not args.report:
-    run_ppo(proxy)
-    if not args.arms or "DPO" in args.arms:
-        run_dpo(train, held_out, rm, scale)
-folders = sorted((args.out / "dpo").glob("seed*/result.json"))
-dpo = [json.loads(f.read_text()) for f in folders]
-table = accuracy_table(
+scores = evaluation(
     rm,
+    samples,
     {
         f"train (prompts {TRAIN.start}-{TRAIN.stop - 1})": (train, train_flips),
         f"held out (prompts {HELD_OUT.start}-{HELD_OUT.stop - 1})": (held_out, held_out_flips),
         f"the optimised prompts {OPTIMISED.start}-{OPTIMISED.stop - 1}": optimised,
     },
 )
-lines = report(best_of_n(rm, samples, scale), ppo_trajectories(), dpo, table)
-lines += ["", f"Reward model fit: {rm_summary['wall_seconds'] / 60:.1f} min on "
-          f"{rm_summary['train_pairs']} pairs; the proxy is its score divided by {scale:.3g}."]  # fmt: skip
+scale, bon = scores["scale"], scores["best_of_n"]
+proxy = kltune.weighted_sum((rm, 1.0 / scale))  # unit spread on π_ref's samples
+if not args.report:
+    run_ppo(proxy)
+    if not args.arms or "DPO" in args.arms:
+        run_dpo(train, held_out, rm, scale)
+dpo = [json.loads(f.read_text()) for f in sorted((args.out / "dpo").glob("seed*/result.json"))]
+lines = [
+    "# Reward over-optimisation",
+    "",
+    "## The reward model",
+    "",
+    *scores["accuracy"],
+    "",
+    f"The proxy is the reward model's score divided by {scale:.3g}, its spread on π_ref's "
+    "samples of the optimised prompts.",
+    *report(bon, ppo_trajectories(), ppo_snapshots(), dpo),
+    "",
+    "## Best-of-n from π_ref, chosen by the proxy",
+    "",
+    "| n | KL (nats) | proxy | gold | strict gold | leaves the review |",
+    "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    *(f"| {n} | {v['kl']:.3f} | {v['proxy']:.3f} | {v['gold']:.3f} | {v['strict_gold']:.3f} | "
+      f"{v['leaves']:.3f} |" for n, v in bon.items()),
+    "",
+    "## DPO on the same pairs (β = 0.1)",
+    "",
+    "| seed | KL (nats) | proxy | gold |",
+    "| ---: | ---: | ---: | ---: |",
+    *(f"| {r['seed']} | {r['kl']:.2f} | {r['proxy']:.3f} | {r['gold']:.3f} |" for r in dpo),
+    *runs_section(rm_summary, dpo),
+]  # fmt: skip
 (args.out / "overoptimisation.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 print(f"\nwrote {args.out / 'overoptimisation.png'}")
