@@ -98,11 +98,10 @@ def leaves_review(completion: str) -> bool:
     return NEW_TURN.search(completion) is not None
 
 
-def strict_gold(prompts: list[str], completions: list[str]) -> list[float]:
-    """The gold judge with a veto it lacks: a person who asked for a movie review
-    gives a completion that leaves it for a new chat turn the worst sentiment, -1.
-    Applied after the runs, to the completions they logged (the runs never saw it)."""
-    gold = gold_judge()(prompts, completions)
+def strict_gold(gold: list[float], completions: list[str]) -> list[float]:
+    """The gold judge's scores with a veto it lacks: a person who asked for a movie
+    review gives a completion that leaves it for a new chat turn the worst sentiment,
+    -1. Applied after the runs, to the completions they logged (the runs never saw it)."""
     return [-1.0 if leaves_review(c) else float(g) for g, c in zip(gold, completions, strict=True)]
 
 
@@ -207,9 +206,10 @@ def best_of_n(rm: RewardModel, samples, scale: float) -> dict[int, dict[str, flo
     flat = [(p, c) for p in prompts for c in samples[p]]
     ps, cs = [p for p, _ in flat], [c for _, c in flat]
     proxy = (rm(ps, cs) / scale).double().reshape(len(prompts), POOL)
+    gold = gold_judge()(ps, cs)
     values = {
-        "gold": gold_judge()(ps, cs),
-        "strict_gold": strict_gold(ps, cs),
+        "gold": gold,
+        "strict_gold": strict_gold(gold, cs),
         "leaves": [float(leaves_review(c)) for c in cs],
     }
     values = {k: torch.as_tensor(v).double().reshape(len(prompts), POOL) for k, v in values.items()}
@@ -332,11 +332,11 @@ def ppo_snapshots() -> dict[str, list[dict[str, list[float]]]]:
 def judged_texts(prompts: list[str], completions: list[str]) -> dict[str, float]:
     """The share of the completions that leave the review, and their mean gold and
     strict gold."""
-    count = len(completions)
+    count, gold = len(completions), gold_judge()(prompts, completions)
     return {
         "leaves": sum(map(leaves_review, completions)) / count,
-        "gold": sum(gold_judge()(prompts, completions)) / count,
-        "strict_gold": sum(strict_gold(prompts, completions)) / count,
+        "gold": sum(gold) / count,
+        "strict_gold": sum(strict_gold(gold, completions)) / count,
     }
 
 
